@@ -1,0 +1,1 @@
+"""Dagster-free domain logic: nothing in this package imports dagster."""
