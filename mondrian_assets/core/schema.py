@@ -150,7 +150,8 @@ def extract_json_object(raw: str) -> tuple[dict | None, str | None, str]:
             else:
                 if isinstance(value, dict):
                     return value, None, ""
-            pos = variant.find("{", pos + 1)
+            # objects nested in a broken one are fragments of it, not answers: resume after it
+            pos = variant.find("{", pos + len(candidate))
     if saw_unclosed and not last_error:
         return None, "truncated_json", "the JSON object never closes (output cut off?)"
     return None, "invalid_json", last_error or "no JSON object found"

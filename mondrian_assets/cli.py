@@ -1,0 +1,147 @@
+"""`mondrian-assets`: the command line over the same code the assets run.
+
+Every command that materializes assets runs them through Dagster against the persistent instance in
+DAGSTER_HOME (default <MONDRIAN_HOME>/.dagster), so `mondrian-assets ui` shows their history afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mondrian_assets.core.locations import Locations
+
+
+def _locations(args: argparse.Namespace) -> Locations:
+    return Locations.resolve(app_dir=getattr(args, "app_dir", None), home=getattr(args, "home", None))
+
+
+def _use_demo_if_unset(args: argparse.Namespace) -> Locations:
+    """With no app configured, point MONDRIAN_APP_DIR at the demo app (generating it on first use)."""
+    loc = _locations(args)
+    if not (args.app_dir or os.environ.get("MONDRIAN_APP_DIR") or os.environ.get("MONDRIAN_DB")):
+        if not loc.db_path.exists():
+            _generate_demo(loc.app_dir, seed=args.seed)
+    os.environ["MONDRIAN_APP_DIR"] = str(loc.app_dir)
+    os.environ["MONDRIAN_HOME"] = str(loc.home)
+    return loc
+
+
+def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int = 120) -> None:
+    from mondrian_assets.core.demo_data import generate_demo_app
+
+    summary = generate_demo_app(app_dir, seed=seed, n_jobs=n_jobs)
+    per_advisor = ", ".join(f"{a} {n}" for a, n in sorted(summary.completed_by_advisor.items()))
+    print(f"demo app written to {summary.app_dir}: {summary.jobs_total} jobs ({per_advisor} completed)")
+
+
+def _instance(loc: Locations):
+    import dagster as dg
+
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(loc.home / ".dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def _run_job(name: str, instance, partition_key: str | None = None) -> bool:
+    from mondrian_assets.definitions import defs
+
+    result = defs.resolve_job_def(name).execute_in_process(
+        instance=instance, partition_key=partition_key, raise_on_error=False
+    )
+    label = f"{name}[{partition_key}]" if partition_key else name
+    if not result.success:
+        failures = [e.message for e in result.all_events if e.is_failure or e.event_type_value == "STEP_FAILURE"]
+        print(f"{label} FAILED (run {result.run_id}): {failures[-1] if failures else 'see the run log'}", file=sys.stderr)
+    return result.success
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    _generate_demo(_locations(args).app_dir, seed=args.seed, n_jobs=args.jobs)
+    return 0
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from mondrian_assets.core.linker import summary_text
+
+    loc = _use_demo_if_unset(args)
+    ok = _run_job("link_job", _instance(loc))
+    if loc.manifest_path.exists():
+        print(summary_text(json.loads(loc.manifest_path.read_text())))
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: demo data, link, then every advisor's downstream assets."""
+    from mondrian_assets.core.linker import summary_text
+    from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
+
+    loc = _use_demo_if_unset(args)
+    instance = _instance(loc)
+    if not _run_job("link_job", instance):
+        return 1
+    print(summary_text(json.loads(loc.manifest_path.read_text())))
+    advisors = args.advisor or sorted(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
+    results = {advisor: _run_job("advisor_job", instance, advisor) for advisor in advisors}
+    from mondrian_assets.core.splits import split_files
+
+    print("\nadvisor       train   val  data version")
+    for advisor in advisors:
+        meta_path = split_files(loc.training_data, advisor).meta_json
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-"}
+        counts = meta["counts"]
+        status = "" if results[advisor] else "  (failed: see above)"
+        print(f"  {advisor:<10} {counts.get('train', 0):>6} {counts.get('val', 0):>5}  {meta['data_version']}{status}")
+    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: mondrian-assets ui)")
+    return 0 if all(results.values()) else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    loc = _use_demo_if_unset(args)
+    _instance(loc)
+    repo_root = Path(__file__).resolve().parent.parent
+    argv = ["dagster", "dev", "-w", str(repo_root / "workspace.yaml"), "-p", str(args.port)]
+    os.execvp(argv[0], argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mondrian-assets",
+        description="Turn the Mondrian app's job history into LoRA-fine-tuned Qwen3-VL advisors (Dagster + MLX).",
+        epilog="Locations come from MONDRIAN_APP_DIR, MONDRIAN_DB, MONDRIAN_SOURCE_DIR, MONDRIAN_ANALYSIS_DIR and "
+        "MONDRIAN_HOME (default: the working directory); with no app configured the demo app is used.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--app-dir", help="the app's root (mondrian.db, source/, uploads/, analysis_md/)")
+    common.add_argument("--home", help="where outputs go (training_data/, models/, evaluation/, .dagster/)")
+    common.add_argument("--seed", type=int, default=7, help="demo data seed (default 7)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", parents=[common], help="generate the demo app (DB, images, analyses)")
+    p.add_argument("--jobs", type=int, default=120, help="number of jobs (default 120)")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("link", parents=[common], help="materialize linked_records and print the summary")
+    p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("demo", parents=[common], help="the main job: link, then every advisor's downstream assets")
+    p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ui", parents=[common], help="open the Dagster web UI on this project's instance")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Read the app's mondrian.db without ever writing to it, whichever era of the app wrote it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+FINISHED_STATUSES = frozenset({"completed", "done"})
+JOB_COLUMNS = (
+    "id", "filename", "advisor", "status", "analysis_file", "analysis_markdown", "llm_outputs",
+    "created_at", "started_at", "completed_at", "mode", "model", "adapter", "enable_rag", "error",
+)  # fmt: skip
+
+
+class AppDatabaseError(RuntimeError):
+    """The app's database is missing or not shaped like the app's."""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One row of `jobs`; every column but `id` may be absent in an older app era, hence all optional."""
+
+    id: str
+    filename: str | None = None
+    advisor: str | None = None
+    status: str | None = None
+    analysis_file: str | None = None
+    analysis_markdown: str | None = None
+    llm_outputs: str | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return (self.status or "").strip().lower() in FINISHED_STATUSES
+
+
+@dataclass(frozen=True)
+class AdvisorRow:
+    id: str
+    name: str
+    prompt: str | None
+
+
+def read_only_engine(db_path: Path, *, busy_timeout_s: float = 10.0) -> sa.Engine:
+    """An engine that can only read: SQLite opens the file with mode=ro, so even a bug cannot write.
+
+    The app may be writing concurrently (WAL or rollback journal); the busy timeout waits for its locks
+    instead of failing, and each of our reads is a short statement, so we never hold the DB for long.
+    """
+    if not db_path.is_file():
+        raise AppDatabaseError(f"the app database {db_path} does not exist (set MONDRIAN_APP_DIR or MONDRIAN_DB)")
+    url = f"sqlite:///file:{db_path.as_posix()}?mode=ro&uri=true"
+    return sa.create_engine(url, connect_args={"timeout": busy_timeout_s}, poolclass=sa.pool.NullPool)
+
+
+def table_columns(conn: sa.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info('{table}')")]
+
+
+def read_jobs(conn: sa.Connection) -> list[JobRow]:
+    present = set(table_columns(conn, "jobs"))
+    if "id" not in present:
+        raise AppDatabaseError("the app database has no `jobs` table with an `id` column")
+    wanted = [c for c in JobRow.__dataclass_fields__ if c in present]
+    rows = conn.exec_driver_sql(f"SELECT {', '.join(wanted)} FROM jobs ORDER BY rowid").all()
+    return [JobRow(**{c: (None if v is None else str(v)) for c, v in zip(wanted, row)}) for row in rows]
+
+
+def read_advisors(conn: sa.Connection) -> dict[str, AdvisorRow]:
+    present = set(table_columns(conn, "advisors"))
+    if "id" not in present:
+        return {}
+    cols = [c for c in ("id", "name", "prompt") if c in present]
+    rows = conn.exec_driver_sql(f"SELECT {', '.join(cols)} FROM advisors").mappings().all()
+    return {
+        str(r["id"]): AdvisorRow(str(r["id"]), str(r.get("name") or r["id"]), r.get("prompt")) for r in rows
+    }
+
+
+def read_system_prompt(conn: sa.Connection) -> str | None:
+    if not {"key", "value"} <= set(table_columns(conn, "config")):
+        return None
+    row = conn.exec_driver_sql("SELECT value FROM config WHERE key = 'system_prompt'").first()
+    return row[0] if row and row[0] else None
+
+
+def count_finished_jobs(conn: sa.Connection) -> dict[str, int]:
+    """Finished jobs per advisor value: the sensor's cheap probe for new analyses."""
+    present = set(table_columns(conn, "jobs"))
+    if not {"advisor", "status"} <= present:
+        return {}
+    statuses = ", ".join(f"'{s}'" for s in sorted(FINISHED_STATUSES))
+    rows = conn.exec_driver_sql(
+        f"SELECT advisor, COUNT(*) FROM jobs WHERE lower(status) IN ({statuses}) GROUP BY advisor"
+    ).all()
+    return {str(adv): int(n) for adv, n in rows if adv is not None}

@@ -1,0 +1,63 @@
+"""Image facts (content hash, upright size, decodability) and the one resize the app applies before inference."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mondrian_assets.core import atomic
+
+APP_MAX_SIDE = 800  # the app shrinks every upload to at most 800 px on the long side before inference
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    sha256: str | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None  # a skip-reason code when the file is unusable
+    detail: str = ""
+
+
+def inspect_image(path: Path) -> ImageFacts:
+    """Hash the bytes and prove they decode; JPEGs decode at reduced scale (draft) so 12 MP photos stay cheap."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return ImageFacts(None, error="image_unreadable", detail=str(exc))
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            orientation = img.getexif().get(0x0112, 1)
+            width, height = img.size
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        return ImageFacts(digest, error="image_undecodable", detail=f"{type(exc).__name__}: {exc}")
+    if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the upright sides
+        width, height = height, width
+    return ImageFacts(digest, width, height)
+
+
+def prepared_image(source: Path, sha256: str, cache_dir: Path, max_side: int = APP_MAX_SIDE) -> Path:
+    """The image as serving sees it: EXIF orientation applied, RGB, at most `max_side` px. Cached by content."""
+    target = cache_dir / f"{sha256[:32]}_{max_side}.jpg"
+    if target.exists():
+        return target
+    with Image.open(source) as img:
+        upright = ImageOps.exif_transpose(img)
+        if upright.mode in ("RGBA", "LA", "P"):
+            rgba = upright.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            upright = flat
+        rgb = upright.convert("RGB")
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=95)
+    atomic.write_bytes(target, buffer.getvalue())
+    return target

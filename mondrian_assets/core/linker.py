@@ -1,0 +1,283 @@
+"""Link finished jobs to their image and analysis through the app's DB, keeping a reason for every rejected row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from mondrian_assets.core import atomic
+from mondrian_assets.core.app_db import JobRow
+from mondrian_assets.core.images import ImageFacts, inspect_image
+from mondrian_assets.core.link_cache import LinkCache, file_key
+from mondrian_assets.core.locations import Locations, PathRejected
+from mondrian_assets.core.schema import ParseResult, canonical_json, parse_analysis
+
+MIN_IMAGE_SIDE = 16  # the app's 1x1 test image and similar slivers carry nothing to learn from
+
+RECORD_COLUMNS = [
+    "job_id", "advisor", "image_path", "image_sha256", "width", "height", "analysis_source", "analysis_path",
+    "analysis_json", "overall_score", "json_size", "created_at", "completed_at",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Skip:
+    job_id: str
+    advisor: str | None
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    records: pd.DataFrame
+    skips: list[Skip]
+    cache_hits: int
+    cache_misses: int
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skips).most_common())
+
+    def advisor_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.records["advisor"].value_counts().sort_index().items()}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    job: JobRow
+    advisor: str
+    image_path: Path
+    analysis: ParseResult
+    analysis_source: str
+    analysis_path: Path | None
+
+
+def _single_advisor(value: str | None) -> str | None:
+    advisor = (value or "").strip().lower()
+    if not advisor or advisor in {"all", "random"} or "," in advisor:
+        return None
+    return advisor
+
+
+def _looks_like_path(text: str) -> bool:
+    stripped = text.strip()
+    return "\n" not in stripped and len(stripped) < 512 and stripped.lower().endswith((".md", ".json", ".txt"))
+
+
+def _analysis_sources(job: JobRow, advisor: str, loc: Locations) -> Iterable[tuple[str, str | None, str | None]]:
+    """(source name, inline text, file reference) in the order the app's eras stored them."""
+    if job.llm_outputs:
+        try:
+            outputs = json.loads(job.llm_outputs)
+        except json.JSONDecodeError:
+            outputs = None
+        if isinstance(outputs, dict):
+            if isinstance(outputs.get("response"), str):
+                yield "llm_outputs.response", outputs["response"], None
+            legacy = outputs.get(advisor)
+            if isinstance(legacy, dict):
+                legacy = legacy.get("html")
+            if isinstance(legacy, str):
+                yield "llm_outputs.html", legacy, None
+    if job.analysis_markdown:
+        if _looks_like_path(job.analysis_markdown):
+            yield "analysis_markdown.path", None, job.analysis_markdown
+        else:
+            yield "analysis_markdown.text", job.analysis_markdown, None
+    if job.analysis_file:
+        yield "analysis_file", None, job.analysis_file
+    base_id = job.id.split(" ")[0]
+    for job_id in dict.fromkeys((job.id, base_id)):
+        fallback = loc.analysis_dir / f"analysis-{advisor}-{job_id}.md"
+        yield "fallback_file", None, str(fallback)
+
+
+def _parse_cached(cache: LinkCache, key: str | None, read: Callable[[], str]) -> ParseResult:
+    cached = cache.get(key)
+    if cached is not None:
+        if cached.get("json") is not None:
+            return parse_analysis(cached["json"])
+        return ParseResult(None, cached["error"], cached.get("detail", ""))
+    result = parse_analysis(read())
+    cache.put(key, {"json": canonical_json(result.analysis)} if result.analysis else {"error": result.error, "detail": result.detail})
+    return result
+
+
+def _text_key(text: str) -> str:
+    return "text:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _find_analysis(job: JobRow, advisor: str, loc: Locations, cache: LinkCache) -> tuple[ParseResult, str, Path | None] | Skip:
+    """The first stored analysis that parses; otherwise the problem with the first one found."""
+    first_failure: tuple[ParseResult, str] | None = None
+    for source, text, reference in _analysis_sources(job, advisor, loc):
+        path: Path | None = None
+        if reference is not None:
+            try:
+                path = loc.analysis_file(reference)
+            except PathRejected as exc:
+                first_failure = first_failure or (ParseResult(None, "path_outside_roots", str(exc)), source)
+                continue
+            if not path.is_file():
+                if source != "fallback_file":
+                    first_failure = first_failure or (ParseResult(None, "file_not_found", str(path)), source)
+                continue
+            result = _parse_cached(cache, file_key("analysis", path), lambda p=path: p.read_text("utf-8", "replace"))
+        else:
+            result = _parse_cached(cache, _text_key(text or ""), lambda t=text: t or "")
+        if result.ok:
+            return result, source, path
+        first_failure = first_failure or (result, source)
+    if first_failure is None:
+        return Skip(job.id, advisor, "analysis_missing", "no analysis in the DB and no analysis_md fallback file")
+    result, source = first_failure
+    return Skip(job.id, advisor, f"analysis_{result.error}", f"{source}: {result.detail}"[:500])
+
+
+def _candidate(job: JobRow, loc: Locations, cache: LinkCache) -> _Candidate | Skip:
+    if not job.finished:
+        return Skip(job.id, job.advisor, "not_finished", f"status={job.status!r}")
+    advisor = _single_advisor(job.advisor)
+    if advisor is None:
+        return Skip(job.id, job.advisor, "advisor_not_single", f"advisor={job.advisor!r}")
+    if not job.filename or not job.filename.strip():
+        return Skip(job.id, advisor, "image_not_recorded", "the job has no filename")
+    try:
+        image_path = loc.image_path(job.filename)
+    except PathRejected as exc:
+        return Skip(job.id, advisor, "path_outside_roots", str(exc))
+    if not image_path.is_file():
+        return Skip(job.id, advisor, "image_not_found", str(image_path))
+    found = _find_analysis(job, advisor, loc, cache)
+    if isinstance(found, Skip):
+        return found
+    result, source, analysis_path = found
+    return _Candidate(job, advisor, image_path, result, source, analysis_path)
+
+
+def _image_facts(paths: list[Path], cache: LinkCache, workers: int) -> dict[Path, ImageFacts]:
+    facts: dict[Path, ImageFacts] = {}
+    todo: list[tuple[Path, str | None]] = []
+    for path in dict.fromkeys(paths):
+        key = file_key("image", path)
+        cached = cache.get(key)
+        if cached is None:
+            todo.append((path, key))
+        else:
+            facts[path] = ImageFacts(**cached)
+    # Pillow releases the GIL while decoding and hashlib while hashing, so threads overlap the work.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (path, key), fact in zip(todo, pool.map(inspect_image, [p for p, _ in todo])):
+            facts[path] = fact
+            cache.put(key, asdict(fact))
+    return facts
+
+
+def link_jobs(jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: int = 4) -> LinkResult:
+    """Every finished job becomes a linked record or a Skip; one record per (advisor, image content)."""
+    skips: list[Skip] = []
+    candidates: list[_Candidate] = []
+    for job in jobs:
+        outcome = _candidate(job, loc, cache)
+        (skips if isinstance(outcome, Skip) else candidates).append(outcome)
+
+    facts = _image_facts([c.image_path for c in candidates], cache, workers)
+    rows: list[dict] = []
+    kept: dict[tuple[str, str], str] = {}
+    # Earliest job first, so a later re-analysis of the same picture never displaces the record already split.
+    for c in sorted(candidates, key=lambda c: (c.job.created_at or "", c.job.id)):
+        fact = facts[c.image_path]
+        if fact.error:
+            skips.append(Skip(c.job.id, c.advisor, fact.error, fact.detail))
+            continue
+        if min(fact.width, fact.height) < MIN_IMAGE_SIDE:
+            skips.append(Skip(c.job.id, c.advisor, "image_too_small", f"{fact.width}x{fact.height} px"))
+            continue
+        duplicate_of = kept.get((c.advisor, fact.sha256 or ""))
+        if duplicate_of is not None:
+            skips.append(Skip(c.job.id, c.advisor, "duplicate_image", f"same image content as job {duplicate_of}"))
+            continue
+        kept[(c.advisor, fact.sha256 or "")] = c.job.id
+        assert c.analysis.analysis is not None
+        response = canonical_json(c.analysis.analysis)
+        rows.append(
+            {
+                "job_id": c.job.id,
+                "advisor": c.advisor,
+                "image_path": str(c.image_path),
+                "image_sha256": fact.sha256,
+                "width": fact.width,
+                "height": fact.height,
+                "analysis_source": c.analysis_source,
+                "analysis_path": str(c.analysis_path) if c.analysis_path else None,
+                "analysis_json": response,
+                "overall_score": c.analysis.analysis.overall_score,
+                "json_size": len(response),
+                "created_at": c.job.created_at,
+                "completed_at": c.job.completed_at,
+            }
+        )
+    records = pd.DataFrame(rows, columns=RECORD_COLUMNS).sort_values(["advisor", "job_id"], ignore_index=True)
+    cache.flush()
+    return LinkResult(records, skips, cache.hits, cache.misses)
+
+
+def _text_or_none(value: object) -> str | None:
+    """pandas turns missing text into NaN; JSON wants null."""
+    return value if isinstance(value, str) else None
+
+
+def manifest(result: LinkResult, loc: Locations) -> dict:
+    """The plan's training_data_manifest.json, plus where it came from and why rows were skipped."""
+    by_advisor: dict[str, dict] = {}
+    for advisor, group in result.records.groupby("advisor", sort=True):
+        by_advisor[str(advisor)] = {
+            "count": len(group),
+            "records": [
+                {
+                    "job_id": r.job_id,
+                    "image_path": r.image_path,
+                    "analysis_path": _text_or_none(r.analysis_path),
+                    "analysis_source": r.analysis_source,
+                    "image_sha256": r.image_sha256,
+                    "completed_at": _text_or_none(r.completed_at),
+                    "json_size": int(r.json_size),
+                    "overall_score": float(r.overall_score),
+                }
+                for r in group.itertuples()
+            ],
+        }
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"db": str(loc.db_path), "app_dir": str(loc.app_dir)},
+        "total_records": len(result.records),
+        "by_advisor": by_advisor,
+        "skipped": {
+            "total": len(result.skips),
+            "by_reason": result.skip_counts(),
+            "records": [asdict(s) for s in result.skips],
+        },
+    }
+
+
+def write_manifest(result: LinkResult, loc: Locations) -> dict:
+    content = manifest(result, loc)
+    atomic.write_json(loc.manifest_path, content)
+    return content
+
+
+def summary_text(content: dict) -> str:
+    """The one-screen summary of a manifest that the CLI prints and the run log shows."""
+    skipped = content["skipped"]
+    lines = [f"linked {content['total_records']} records, skipped {skipped['total']} jobs"]
+    lines += [f"  {adv:<12} {info['count']:>6} linked" for adv, info in content["by_advisor"].items()]
+    lines += [f"  skip {reason:<28} {n:>6}" for reason, n in skipped["by_reason"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Fixtures build real things: a demo app (SQLite DB, images, analysis files) and a Dagster instance."""
+
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mondrian_assets.core.demo_data import DemoSummary, generate_demo_app
+from mondrian_assets.core.locations import Locations
+from mondrian_assets.defs.resources import MondrianDatabase
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
+
+
+@pytest.fixture(scope="session")
+def pristine_demo(tmp_path_factory) -> DemoSummary:
+    """Generated once per session; tests that change the app copy it first (`demo_app`)."""
+    return generate_demo_app(tmp_path_factory.mktemp("pristine") / "app", seed=7)
+
+
+@pytest.fixture
+def demo_app(pristine_demo, tmp_path) -> Path:
+    app = tmp_path / "app"
+    shutil.copytree(pristine_demo.app_dir, app)
+    return app
+
+
+@pytest.fixture
+def locations(demo_app, tmp_path) -> Locations:
+    return Locations.resolve(app_dir=str(demo_app), home=str(tmp_path / "home"), environ={})
+
+
+@pytest.fixture
+def mondrian_db(locations) -> MondrianDatabase:
+    return MondrianDatabase(app_dir=str(locations.app_dir), home=str(locations.home))
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst

@@ -1,0 +1,195 @@
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from mondrian_assets.core import app_db, linker
+from mondrian_assets.core.demo_data import append_demo_jobs, generate_demo_app
+from mondrian_assets.core.link_cache import LinkCache, state_engine
+from mondrian_assets.core.locations import Locations, PathRejected
+from mondrian_assets.defs import linking
+from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
+
+# What linking must do with each fault the demo generator plants (None: the job is linked).
+EXPECTED = {
+    "missing_image": "image_not_found",
+    "missing_analysis": "analysis_missing",
+    "fenced_json": None,
+    "thinking_tags": None,
+    "curly_quotes": None,
+    "extra_brace": None,
+    "truncated_json": "analysis_truncated_json",
+    "invalid_json": "analysis_invalid_json",
+    "missing_fields": "analysis_missing_fields",
+    "score_out_of_range": "analysis_score_out_of_range",
+    "six_dimensions": None,
+    "nine_dimensions": None,
+    "duplicate_image": "duplicate_image",
+    "duplicate_job_same_file": "duplicate_image",
+    "not_finished": "not_finished",
+    "rag_suffix_id": None,
+    "advisor_all": "advisor_not_single",
+    "tiny_image": "image_too_small",
+    "undecodable_image": "image_undecodable",
+    "png_alpha": None,
+    "exif_rotated": None,
+    "path_traversal": "path_outside_roots",
+    "absolute_path_outside": "path_outside_roots",
+    "html_analysis": "analysis_no_json",
+    "analysis_in_file_path": None,
+    "analysis_in_markdown_text": None,
+    "analysis_in_llm_outputs": None,
+    "analysis_in_fallback_file": None,
+    "analysis_file_column": None,
+    "legacy_status_done": None,
+    "uploads_path": None,
+}
+
+
+def link(loc: Locations, cache: LinkCache | None = None) -> linker.LinkResult:
+    with app_db.read_only_engine(loc.db_path).connect() as conn:
+        jobs = app_db.read_jobs(conn)
+    return linker.link_jobs(jobs, loc, cache or LinkCache(None))
+
+
+def test_every_planted_fault_has_its_outcome(pristine_demo, tmp_path):
+    loc = Locations.resolve(app_dir=str(pristine_demo.app_dir), home=str(tmp_path), environ={})
+    result = link(loc)
+    linked = set(result.records["job_id"])
+    reasons = {s.job_id: s.reason for s in result.skips}
+    assert set(EXPECTED) <= set(pristine_demo.planted), "the generator must plant every fault"
+    # a storage-form case may also carry a fault; the fault decides its outcome
+    faulty = {j for fault, expected in EXPECTED.items() if expected for j in pristine_demo.planted[fault]}
+    for fault, expected in EXPECTED.items():
+        for job_id in pristine_demo.planted[fault]:
+            if expected is None and job_id in faulty:
+                continue
+            if expected is None:
+                assert job_id in linked, f"{fault}: {job_id} should link, got {reasons.get(job_id)}"
+            else:
+                assert reasons.get(job_id) == expected, f"{fault}: {job_id}"
+    # every job is accounted for exactly once
+    assert len(linked) + len(result.skips) == pristine_demo.jobs_total
+    assert result.advisor_counts()["ansel"] >= 60
+
+
+def test_linked_analysis_is_the_canonical_form_of_what_the_app_stored(pristine_demo, tmp_path):
+    loc = Locations.resolve(app_dir=str(pristine_demo.app_dir), home=str(tmp_path), environ={})
+    records = link(loc).records
+    truth = [json.loads(line) for line in (pristine_demo.app_dir / "demo_truth.jsonl").read_text().splitlines()]
+    intended = {t["job_id"]: t["intended"] for t in truth}
+    for job_id, analysis_json in zip(records["job_id"], records["analysis_json"]):
+        assert analysis_json == intended[job_id], job_id
+    # every way the app ever stored an analysis was read at least once
+    assert {"llm_outputs.response", "analysis_markdown.text", "analysis_markdown.path", "analysis_file",
+            "fallback_file"} <= set(records["analysis_source"])  # fmt: skip
+
+
+@pytest.mark.parametrize("filename", ["../../etc/passwd", "/etc/hosts", "uploads/../../outside.jpg"])
+def test_paths_outside_the_app_are_rejected_not_read(locations, filename):
+    with pytest.raises(PathRejected):
+        locations.image_path(filename)
+
+
+def test_symlink_escaping_the_app_is_rejected(locations, tmp_path):
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"x")
+    (locations.source_dir / "innocent.jpg").symlink_to(outside)
+    with pytest.raises(PathRejected):
+        locations.image_path("innocent.jpg")
+
+
+def test_filename_forms_resolve_like_the_app(locations):
+    assert locations.image_path("photo.jpg") == locations.source_dir / "photo.jpg"
+    assert locations.image_path("uploads/a_b.jpg") == locations.app_dir / "uploads" / "a_b.jpg"
+
+
+def test_read_only_engine_cannot_write(locations):
+    with app_db.read_only_engine(locations.db_path).connect() as conn:
+        with pytest.raises(sa.exc.OperationalError, match="readonly"):
+            conn.exec_driver_sql("DELETE FROM jobs")
+
+
+def test_missing_database_is_a_clear_error(tmp_path):
+    with pytest.raises(app_db.AppDatabaseError, match="MONDRIAN_APP_DIR"):
+        app_db.read_only_engine(tmp_path / "nope.db")
+
+
+def test_legacy_era_database_links(tmp_path):
+    demo = generate_demo_app(tmp_path / "legacy", seed=3, n_jobs=60, schema="legacy", large_images=False)
+    loc = Locations.resolve(app_dir=str(demo.app_dir), home=str(tmp_path / "home"), environ={})
+    with app_db.read_only_engine(loc.db_path).connect() as conn:
+        assert "llm_outputs" not in app_db.table_columns(conn, "jobs")
+    result = link(loc)
+    assert len(result.records) > 20
+    assert set(result.records["analysis_source"]) <= {"analysis_markdown.path", "analysis_markdown.text", "fallback_file"}
+
+
+def test_relink_after_new_jobs_reads_only_the_new_files(locations):
+    cache_engine = state_engine(locations.state_db)
+    first = link(locations, LinkCache(cache_engine))
+    new_ids = append_demo_jobs(locations.app_dir, 10, seed=99)
+    second = link(locations, LinkCache(cache_engine))
+    assert set(new_ids) <= set(second.records["job_id"])
+    assert len(second.records) == len(first.records) + 10
+    # new images, and at most one analysis file each, are all that was read
+    assert 10 <= second.cache_misses <= 20
+    assert second.cache_hits >= first.cache_misses - 5
+
+
+def test_changed_file_is_reread(locations):
+    engine = state_engine(locations.state_db)
+    first = link(locations, LinkCache(engine))
+    victim = Path(first.records["image_path"].iloc[0])
+    victim.write_bytes(b"not an image any more")
+    second = link(locations, LinkCache(engine))
+    reasons = {s.job_id: s.reason for s in second.skips}
+    assert reasons[first.records["job_id"].iloc[0]] == "image_undecodable"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_materialize_links_adds_partitions_and_leaves_the_app_untouched(locations, mondrian_db, instance):
+    before = {p: sha256(p) for p in locations.app_dir.rglob("*") if p.is_file()}
+    result = dg.materialize(
+        [linking.linked_records, linking.enough_examples_per_advisor, linking.no_duplicate_images,
+         linking.linked_paths_exist],
+        resources={"mondrian_db": mondrian_db},
+        instance=instance,
+    )  # fmt: skip
+    assert result.success
+    after = {p: sha256(p) for p in locations.app_dir.rglob("*") if p.is_file()}
+    assert after == before, "the app's DB and files must be byte-identical after a run"
+
+    metadata = result.asset_materializations_for_node("linked_records")[0].metadata
+    assert metadata["linked"].value > 80 and metadata["skipped"].value > 10
+    assert {"linked_per_advisor", "skipped_per_reason", "preview", "manifest"} <= set(metadata)
+    assert set(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME)) == {"ansel", "weston", "watkins", "okeefe"}
+
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["no_duplicate_images"].passed and checks["linked_paths_exist"].passed
+    assert not checks["enough_examples_per_advisor"].passed  # weston, watkins, okeefe are below the plan's 60
+
+    manifest = json.loads(locations.manifest_path.read_text())
+    assert manifest["total_records"] == metadata["linked"].value
+    record = manifest["by_advisor"]["ansel"]["records"][0]
+    assert {"job_id", "image_path", "analysis_path", "completed_at", "json_size", "overall_score"} <= set(record)
+    assert manifest["skipped"]["by_reason"]["not_finished"] >= 1
+
+
+def test_app_database_busy_with_a_writer_is_waited_for(locations):
+    writer = sqlite3.connect(locations.db_path)
+    writer.execute("BEGIN IMMEDIATE")  # the app holds a write lock; readers still read in rollback-journal mode
+    try:
+        with app_db.read_only_engine(locations.db_path, busy_timeout_s=2).connect() as conn:
+            assert len(app_db.read_jobs(conn)) > 100
+    finally:
+        writer.rollback()
+        writer.close()
