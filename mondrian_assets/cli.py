@@ -47,10 +47,19 @@ def _instance(loc: Locations):
 
 
 def _run_job(name: str, instance, partition_key: str | None = None) -> bool:
+    import warnings
+
+    import dagster as dg
+
     from mondrian_assets.definitions import defs
 
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
     result = defs.resolve_job_def(name).execute_in_process(
-        instance=instance, partition_key=partition_key, raise_on_error=False
+        instance=instance,
+        partition_key=partition_key,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},  # progress, not event noise
     )
     label = f"{name}[{partition_key}]" if partition_key else name
     if not result.success:
@@ -74,8 +83,23 @@ def cmd_link(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _split_counts(loc: Locations, advisor: str) -> dict:
+    from mondrian_assets.core.splits import split_files
+
+    meta_path = split_files(loc.training_data, advisor).meta_json
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-", "note": ""}
+
+
+def _adapter_summary(loc: Locations, advisor: str) -> str:
+    log_path = loc.models / "adapters" / advisor / "training_log.jsonl"
+    if not log_path.exists():
+        return "-"
+    val = [r["val_loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "val_loss" in r]
+    return f"val loss {val[0]:.3f} -> best {min(val):.3f}" if val else "-"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: demo data, link, then every advisor's downstream assets."""
+    """The README's main job: demo data, link, split every advisor, train every advisor that has a val set."""
     from mondrian_assets.core.linker import summary_text
     from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 
@@ -85,18 +109,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     print(summary_text(json.loads(loc.manifest_path.read_text())))
     advisors = args.advisor or sorted(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
-    results = {advisor: _run_job("advisor_job", instance, advisor) for advisor in advisors}
-    from mondrian_assets.core.splits import split_files
-
-    print("\nadvisor       train   val  data version")
+    outcome: dict[str, str] = {}
     for advisor in advisors:
-        meta_path = split_files(loc.training_data, advisor).meta_json
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-"}
+        if not _run_job("split_job", instance, advisor):
+            outcome[advisor] = "split failed (see above)"
+        elif not _split_counts(loc, advisor)["counts"].get("val"):
+            outcome[advisor] = f"not trained: {_split_counts(loc, advisor)['note']}"
+        elif args.skip_training:
+            outcome[advisor] = "not trained (--skip-training)"
+        else:
+            ok = _run_job("train_job", instance, advisor)
+            outcome[advisor] = _adapter_summary(loc, advisor) if ok else "training failed (see above)"
+
+    print("\nadvisor      train   val  data version      adapter")
+    for advisor in advisors:
+        meta = _split_counts(loc, advisor)
         counts = meta["counts"]
-        status = "" if results[advisor] else "  (failed: see above)"
-        print(f"  {advisor:<10} {counts.get('train', 0):>6} {counts.get('val', 0):>5}  {meta['data_version']}{status}")
-    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: mondrian-assets ui)")
-    return 0 if all(results.values()) else 1
+        print(f"  {advisor:<10} {counts.get('train', 0):>5} {counts.get('val', 0):>5}  {meta['data_version']:<16}  {outcome[advisor]}")
+    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: ./dev ui)")
+    return 0 if not any("failed" in o for o in outcome.values()) else 1
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -130,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="the main job: link, then every advisor's downstream assets")
     p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
+    p.add_argument("--skip-training", action="store_true", help="stop after the splits")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ui", parents=[common], help="open the Dagster web UI on this project's instance")

@@ -2,12 +2,12 @@
 
 import dagster as dg
 
-from mondrian_assets.defs import jobs, linking, splits
-from mondrian_assets.defs.resources import MondrianDatabase
+from mondrian_assets.defs import jobs, linking, splits, training
+from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 
 defs = dg.Definitions(
-    assets=[linking.linked_records, splits.advisor_splits],
+    assets=[linking.linked_records, splits.advisor_splits, training.lora_adapter],
     asset_checks=[linking.enough_examples_per_advisor, linking.no_duplicate_images, linking.linked_paths_exist],
-    jobs=[jobs.link_job, jobs.advisor_job],
-    resources={"mondrian_db": MondrianDatabase()},
+    jobs=[jobs.link_job, jobs.split_job, jobs.train_job, jobs.advisor_job],
+    resources={"mondrian_db": MondrianDatabase(), "mlx_trainer": MlxTrainer()},
 )

@@ -1,9 +1,19 @@
-"""Jobs: link the app's data, and (per advisor partition) everything downstream of it."""
+"""Jobs: link the app's data; per advisor partition, split and train (or everything downstream of linking)."""
 
 import dagster as dg
 
-link_job = dg.define_asset_job("link_job", selection=dg.AssetSelection.assets("linked_records"),
-                               description="Re-read the app's DB and link new jobs (incremental).")
+link_job = dg.define_asset_job(
+    "link_job", selection=dg.AssetSelection.assets("linked_records"),
+    description="Re-read the app's DB and link new jobs (incremental).",
+)  # fmt: skip
+split_job = dg.define_asset_job(
+    "split_job", selection=dg.AssetSelection.assets("train_split", "val_split"),
+    description="Build one advisor's train/val split.",
+)  # fmt: skip
+train_job = dg.define_asset_job(
+    "train_job", selection=dg.AssetSelection.assets("lora_adapter").downstream(),
+    description="Train one advisor's adapter and everything after it, on its current split.",
+)  # fmt: skip
 advisor_job = dg.define_asset_job(
     "advisor_job",
     selection=dg.AssetSelection.assets("linked_records").downstream() - dg.AssetSelection.assets("linked_records"),
