@@ -46,7 +46,9 @@ def _instance(loc: Locations):
     return dg.DagsterInstance.get()
 
 
-def _run_job(name: str, instance, partition_key: str | None = None) -> bool:
+def _run_job(name: str, instance, partition_key: str | None = None) -> str:
+    """Run a job in-process on the persistent instance: "ok", "gated" (a blocking check failed: its asset
+    materialized, what is downstream did not) or "failed"."""
     import warnings
 
     import dagster as dg
@@ -54,18 +56,22 @@ def _run_job(name: str, instance, partition_key: str | None = None) -> bool:
     from mondrian_assets.definitions import defs
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
-
     result = defs.resolve_job_def(name).execute_in_process(
         instance=instance,
         partition_key=partition_key,
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},  # progress, not event noise
     )
+    if result.success:
+        return "ok"
     label = f"{name}[{partition_key}]" if partition_key else name
-    if not result.success:
-        failures = [e.message for e in result.all_events if e.is_failure or e.event_type_value == "STEP_FAILURE"]
-        print(f"{label} FAILED (run {result.run_id}): {failures[-1] if failures else 'see the run log'}", file=sys.stderr)
-    return result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    errors = [str(e.event_specific_data.error.message) for e in failures if e.event_specific_data.error]  # type: ignore[union-attr]
+    if errors and all("blocking asset checks failed" in msg for msg in errors):
+        print(f"{label}: gate failed, downstream blocked: {errors[0].strip()}", file=sys.stderr)
+        return "gated"
+    print(f"{label} FAILED (run {result.run_id}): {errors[-1].strip() if errors else 'see the run log'}", file=sys.stderr)
+    return "failed"
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -77,10 +83,10 @@ def cmd_link(args: argparse.Namespace) -> int:
     from mondrian_assets.core.linker import summary_text
 
     loc = _use_demo_if_unset(args)
-    ok = _run_job("link_job", _instance(loc))
+    status = _run_job("link_job", _instance(loc))
     if loc.manifest_path.exists():
         print(summary_text(json.loads(loc.manifest_path.read_text())))
-    return 0 if ok else 1
+    return 0 if status == "ok" else 1
 
 
 def _split_counts(loc: Locations, advisor: str) -> dict:
@@ -90,12 +96,25 @@ def _split_counts(loc: Locations, advisor: str) -> dict:
     return json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-", "note": ""}
 
 
-def _adapter_summary(loc: Locations, advisor: str) -> str:
+def _trained_summary(loc: Locations, advisor: str) -> str:
+    """First vs best val loss, then base vs fine-tuned format compliance and score MAE (and the mean baseline)."""
+    parts = []
     log_path = loc.models / "adapters" / advisor / "training_log.jsonl"
-    if not log_path.exists():
-        return "-"
-    val = [r["val_loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "val_loss" in r]
-    return f"val loss {val[0]:.3f} -> best {min(val):.3f}" if val else "-"
+    if log_path.exists():
+        val = [r["val_loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "val_loss" in r]
+        parts.append(f"val loss {val[0]:.2f} -> {min(val):.2f}" if val else "no val loss")
+    report_path = loc.evaluation / advisor / "comparison_report.json"
+    if report_path.exists():
+        m = json.loads(report_path.read_text())["metrics"]
+
+        def num(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        base, tuned, mean = m["base_model"], m["fine_tuned_model"], m["mean_baseline"]
+        parts.append(f"valid JSON {num(base['format_compliance'])} -> {num(tuned['format_compliance'])}")
+        parts.append(f"score MAE {num(base['overall_score_mae'])} -> {num(tuned['overall_score_mae'])}"
+                     f" (mean baseline {num(mean['overall_score_mae'])})")  # fmt: skip
+    return "; ".join(parts) or "-"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -105,29 +124,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     loc = _use_demo_if_unset(args)
     instance = _instance(loc)
-    if not _run_job("link_job", instance):
+    if _run_job("link_job", instance) != "ok":
         return 1
     print(summary_text(json.loads(loc.manifest_path.read_text())))
     advisors = args.advisor or sorted(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
     outcome: dict[str, str] = {}
     for advisor in advisors:
-        if not _run_job("split_job", instance, advisor):
+        if _run_job("split_job", instance, advisor) != "ok":
             outcome[advisor] = "split failed (see above)"
         elif not _split_counts(loc, advisor)["counts"].get("val"):
             outcome[advisor] = f"not trained: {_split_counts(loc, advisor)['note']}"
         elif args.skip_training:
             outcome[advisor] = "not trained (--skip-training)"
         else:
-            ok = _run_job("train_job", instance, advisor)
-            outcome[advisor] = _adapter_summary(loc, advisor) if ok else "training failed (see above)"
+            status = _run_job("train_job", instance, advisor)
+            notes = {"ok": "", "gated": "  [a gate failed: not deployable]", "failed": "  [failed: see above]"}
+            outcome[advisor] = _trained_summary(loc, advisor) + notes[status]
 
-    print("\nadvisor      train   val  data version      adapter")
+    print("\nadvisor      train   val  data version      base -> fine-tuned")
     for advisor in advisors:
         meta = _split_counts(loc, advisor)
         counts = meta["counts"]
         print(f"  {advisor:<10} {counts.get('train', 0):>5} {counts.get('val', 0):>5}  {meta['data_version']:<16}  {outcome[advisor]}")
     print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: ./dev ui)")
-    return 0 if not any("failed" in o for o in outcome.values()) else 1
+    return 0 if not any("failed" in o for o in outcome.values()) else 1  # a gate verdict is a result, not an error
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

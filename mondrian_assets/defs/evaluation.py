@@ -1,0 +1,107 @@
+"""`eval_report`: base vs fine-tuned on the advisor's validation split; the plan's gates as blocking checks."""
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from mondrian_assets.core.evaluation import EvalSettings, evaluate_adapter
+from mondrian_assets.core.metrics import GateThresholds
+from mondrian_assets.defs.partitions import advisor_partitions
+from mondrian_assets.defs.resources import MondrianDatabase
+
+_GATES = GateThresholds()
+
+
+class EvalRunConfig(dg.Config):
+    max_examples: int | None = Field(default=None, description="Evaluate at most this many val examples; empty: all.")
+    max_tokens: int | None = Field(default=None, description="Generation cap; empty: longest reference + margin.")
+    batch_size: int = Field(default=4, description="Validation examples decoded together (1: one by one).")
+    seed: int = Field(default=0)
+    min_format_compliance: float = Field(default=_GATES.min_format_compliance, description="Gate: fine-tuned valid-JSON share.")
+    mae_tolerance: float = Field(default=_GATES.mae_tolerance, description="Gate: allowed MAE above the base's.")
+    max_inference_overhead: float = Field(default=_GATES.max_inference_overhead, description="Gate: fine-tuned vs base slowdown.")
+
+    def settings(self) -> EvalSettings:
+        thresholds = GateThresholds(
+            min_format_compliance=self.min_format_compliance,
+            mae_tolerance=self.mae_tolerance,
+            max_inference_overhead=self.max_inference_overhead,
+        )
+        return EvalSettings(self.max_examples, self.max_tokens, self.batch_size, self.seed, thresholds)
+
+
+GATE_CHECKS = [
+    dg.AssetCheckSpec("format_compliance", asset="eval_report", blocking=True,
+                      description="Fine-tuned outputs that parse and validate: at least the configured share (95%)."),
+    dg.AssetCheckSpec("score_mae_vs_base", asset="eval_report", blocking=True,
+                      description="Fine-tuned overall-score MAE no worse than the base (or, with no valid base "
+                                  "output, strictly better than always answering the training mean)."),
+    dg.AssetCheckSpec("inference_overhead", asset="eval_report", blocking=True,
+                      description="The fine-tuned model decodes less than 10% slower than the base."),
+]  # fmt: skip
+
+
+def _headline(m: dict) -> dg.MetadataValue:
+    rows = [
+        ("format compliance", "format_compliance"),
+        ("overall-score MAE", "overall_score_mae"),
+        ("dimension-score MAE", "dimension_score_mae_mean"),
+        ("score correlation", "score_correlation"),
+        ("repetition rate", "repetition_rate"),
+        ("mean latency (s)", "latency_mean_s"),
+        ("decode tokens/s", "decode_tokens_per_s"),
+    ]
+    cols = ("base_model", "fine_tuned_model", "mean_baseline")
+
+    def cell(col: str, key: str) -> str:
+        value = m[col].get(key)
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| metric | base | fine-tuned | mean baseline |", "| --- | --- | --- | --- |"]
+    lines += [f"| {label} | " + " | ".join(cell(c, key) for c in cols) + " |" for label, key in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, check_specs=GATE_CHECKS)
+def eval_report(
+    context: dg.AssetExecutionContext, config: EvalRunConfig, mondrian_db: MondrianDatabase,
+    lora_adapter: dict, train_split: dict, val_split: dict,
+) -> Iterator[dg.Output | dg.AssetCheckResult]:  # fmt: skip
+    """Is the fine-tuned model better than the base, and by how much? Writes
+    evaluation/<advisor>/comparison_report.json and review.html; a failed gate blocks deployment, but the report
+    still materializes for review."""
+    advisor = context.partition_key
+    out_dir = mondrian_db.locations().evaluation / advisor
+    outcome = evaluate_adapter(
+        lora_adapter["base_model"], Path(lora_adapter["adapter_dir"]), Path(val_split["json"]),
+        Path(train_split["json"]), out_dir, config.settings(), log=context.log.info,
+    )  # fmt: skip
+    context.log.info(outcome.verdict)
+    metrics = outcome.comparison.as_dict()
+    base, tuned = metrics["base_model"], metrics["fine_tuned_model"]
+    yield dg.Output(
+        {"advisor": advisor, "report": str(outcome.paths.report_json), "review": str(outcome.paths.review_html),
+         "adapter_dir": lora_adapter["adapter_dir"], "data_version": val_split["data_version"],
+         "gates_passed": all(g.passed for g in outcome.gates)},
+        metadata={
+            "verdict": outcome.verdict,
+            "headline": _headline(metrics),
+            "examples": outcome.examples,
+            "base_format_compliance": base["format_compliance"],
+            "fine_tuned_format_compliance": tuned["format_compliance"],
+            "base_overall_score_mae": base["overall_score_mae"],
+            "fine_tuned_overall_score_mae": tuned["overall_score_mae"],
+            "mean_baseline_overall_score_mae": metrics["mean_baseline"]["overall_score_mae"],
+            "chart": dg.MetadataValue.md(f"![comparison](data:image/png;base64,{base64.b64encode(outcome.chart_png).decode()})"),
+            "report": dg.MetadataValue.path(str(outcome.paths.report_json)),
+            "review_page": dg.MetadataValue.path(str(outcome.paths.review_html)),
+        },
+    )  # fmt: skip
+    for gate in outcome.gates:
+        yield dg.AssetCheckResult(
+            check_name=gate.name, passed=gate.passed,
+            metadata={"value": gate.value, "threshold": gate.threshold, "message": gate.message},
+        )  # fmt: skip
