@@ -286,7 +286,7 @@ def validate_analysis(data: dict) -> ParseResult:
 def parse_analysis(raw: str | None) -> ParseResult:
     """Raw model output (or a stored analysis) -> validated Analysis, or a coded reason why not."""
     if raw is None or not raw.strip():
-        return ParseResult(None, "empty", "no analysis text")
+        return ParseResult(None, "empty", "no analysis text", {f: "empty" for f in REQUIRED_FIELDS})
     data, error, detail = extract_json_object(raw)
     if data is None:
         return ParseResult(None, error, detail, {f: error or "" for f in REQUIRED_FIELDS})

@@ -1,0 +1,410 @@
+"""Run the base model or the base plus a LoRA adapter over validation examples, the way serving will.
+
+- The prompt is built exactly as in training: `schema.chat_messages` (user turn = image, then text) through
+  mlx-vlm's chat template.
+- The adapter is verified (every saved tensor must land on a model parameter, so a mismatched adapter cannot
+  silently leave the base model in place) and then fused into the weights: unfused LoRA decodes far slower.
+- Decoding is greedy by default and seeded; a loop guard stops an output once its tail repeats
+  (`metrics.TOKEN_LOOP_RULE`), so a looping model costs seconds, not `max_tokens`.
+- `batch_size > 1` uses mlx-vlm's `batch_generate` (same greedy tokens as one-by-one on Qwen3-VL, see
+  bench/bench_batched_generation.py); latency per example is then the batch's wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mondrian_assets.core import schema
+from mondrian_assets.core.metrics import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule, ends_in_loop
+
+__all__ = [
+    "AdapterNotApplied",
+    "EvalExample",
+    "Generation",
+    "LoadedModel",
+    "LoopGuard",
+    "fuse_lora",
+    "generate_analyses",
+    "load_eval_examples",
+    "load_for_inference",
+    "max_tokens_for",
+    "run_settings",
+]
+
+
+class AdapterNotApplied(RuntimeError):
+    """The adapter's weights did not end up in the model: refusing to evaluate the base under its name."""
+
+
+# --- examples ------------------------------------------------------------------------------------------------
+
+
+def _example_id(record: dict, index: int) -> str:
+    for key in ("job_id", "id", "example_id"):
+        if record.get(key):
+            return str(record[key])
+    return f"{index:04d}-{Path(str(record['image_path'])).stem}"
+
+
+def load_eval_examples(path: Path, *, base_dir: Path | None = None, limit: int | None = None) -> list[EvalExample]:
+    """Read a `training_data_<adv>_val.json` list of `{image_path, prompt, response}`. Relative image paths are
+    resolved against `base_dir` (default: the file's folder)."""
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    root = base_dir or Path(path).parent
+    examples = []
+    for i, record in enumerate(records[:limit] if limit is not None else records):
+        image = Path(str(record["image_path"]))
+        examples.append(
+            EvalExample(
+                example_id=_example_id(record, i),
+                image_path=image if image.is_absolute() else root / image,
+                prompt=str(record["prompt"]),
+                reference=str(record["response"]),
+            )
+        )
+    return examples
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    processor: Any
+    base_model: str
+    adapter_path: Path | None
+    fused_layers: int = 0
+    load_s: float = 0.0
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def label(self) -> str:
+        return "base" if self.adapter_path is None else f"base+{self.adapter_path.name}"
+
+
+def _adapter_weights_file(adapter_path: Path) -> Path:
+    if adapter_path.is_file():
+        return adapter_path
+    for name in ("adapters.safetensors", "weights.safetensors"):
+        if (adapter_path / name).is_file():
+            return adapter_path / name
+    raise FileNotFoundError(f"no adapters.safetensors in {adapter_path}")
+
+
+def verify_adapter_applied(model: nn.Module, adapter_path: Path) -> int:
+    """Every tensor in the adapter file must be a model parameter holding exactly that value. Returns the count.
+    (mlx-vlm loads adapter weights with strict=False, so a key mismatch would otherwise go unnoticed.)"""
+    saved = mx.load(str(_adapter_weights_file(adapter_path)))
+    params = dict(tree_flatten(model.parameters()))
+    if not saved:
+        raise AdapterNotApplied(f"{adapter_path} holds no tensors")
+    missing = sorted(k for k in saved if k not in params)
+    if missing:
+        raise AdapterNotApplied(f"{len(missing)} adapter tensors match no model parameter, e.g. {missing[:3]}")
+    differing = [k for k, v in saved.items() if params[k].shape != v.shape or not mx.array_equal(params[k], v).item()]
+    if differing:
+        raise AdapterNotApplied(f"{len(differing)} adapter tensors were not loaded, e.g. {differing[:3]}")
+    return len(saved)
+
+
+def _is_lora_module(module: nn.Module) -> bool:
+    return callable(getattr(module, "fuse", None)) and ("lora_a" in module or "lora_b" in module)
+
+
+def fuse_lora(model: nn.Module) -> int:
+    """Replace every LoRA/DoRA layer by its fused equivalent (W + scale * B^T A^T), in place.
+
+    Uses each layer's own `fuse()` from mlx_vlm.trainer.peft (quantized bases stay quantized). mlx-vlm's
+    `replace_lora_with_linear` only handles the legacy layer at the top level, so it is not used here.
+    """
+    fused = [(name, module.fuse()) for name, module in model.named_modules() if _is_lora_module(module)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    leftover = [name for name, module in model.named_modules() if _is_lora_module(module)]
+    if leftover:
+        raise RuntimeError(f"LoRA layers left after fusing: {leftover[:3]}")
+    return len(fused)
+
+
+def _inference_dtype(name: str) -> mx.Dtype | None:
+    """With "auto", as in training: float32 on the CPU (bf16 matmuls there are ~100x slower), else the checkpoint's."""
+    if name == "auto":
+        return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+    return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
+
+
+def load_for_inference(
+    base_model: str | Path, adapter_path: Path | None, *, fuse: bool = True, dtype: str = "auto"
+) -> LoadedModel:
+    """Load the base model (a local folder, or a hub id already in the cache), apply and verify the adapter,
+    cast to the inference dtype, fuse the adapter into the weights, and switch to eval mode."""
+    import mlx_vlm
+
+    tic = time.perf_counter()
+    adapter = Path(adapter_path) if adapter_path is not None else None
+    model, processor = mlx_vlm.load(str(base_model), adapter_path=str(adapter) if adapter is not None else None)
+    if adapter is not None:
+        verify_adapter_applied(model, adapter)
+    target = _inference_dtype(dtype)
+    if target is not None:
+        model.set_dtype(target)
+    fused = fuse_lora(model) if adapter is not None and fuse else 0
+    model.eval()
+    mx.eval(model.parameters())
+    return LoadedModel(model, processor, str(base_model), adapter, fused, time.perf_counter() - tic)
+
+
+# --- prompts and budgets ---------------------------------------------------------------------------------------
+
+
+def formatted_prompt(loaded: LoadedModel, prompt: str) -> str:
+    """The full chat-template text for one example, as the trainer formats it (without the answer)."""
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    return str(apply_chat_template(loaded.processor, loaded.model.config, schema.chat_messages(prompt), num_images=1))
+
+
+def max_tokens_for(loaded: LoadedModel, references: Sequence[str], *, margin: float = 0.25, extra: int = 32) -> int:
+    """Room for the longest reference answer in tokens, plus `margin` of it plus `extra` tokens."""
+    longest = max((len(loaded.tokenizer.encode(r, add_special_tokens=False)) for r in references), default=0)
+    return int(math.ceil(longest * (1.0 + margin))) + extra
+
+
+def _eos_ids(loaded: LoadedModel) -> list[int]:
+    eos = getattr(loaded.model.config, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not ids and getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+        ids = [loaded.tokenizer.eos_token_id]
+    return [int(i) for i in ids]
+
+
+def _reset_stopping(loaded: LoadedModel) -> None:
+    criteria = getattr(loaded.tokenizer, "stopping_criteria", None)
+    if criteria is not None:
+        criteria.reset(_eos_ids(loaded))
+
+
+def _detokenize(loaded: LoadedModel, tokens: Sequence[int]) -> str:
+    """Text of generated tokens, decoded the way mlx-vlm's batch path does (so both paths compare equal)."""
+    detokenizer = loaded.processor.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return str(detokenizer.text)
+
+
+# --- the loop guard ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopGuard:
+    """Per-sequence logits processor: once the generated tail loops, force end-of-sequence.
+
+    Also records the generated tokens, which mlx-vlm's batch API does not return per row. The first call
+    (after prefill) sees only the prompt, which is ignored: an image's repeated pad tokens are not a loop.
+    """
+
+    eos_id: int
+    rule: LoopRule = TOKEN_LOOP_RULE
+    tokens: list[int] = field(default_factory=list)
+    fired: bool = False
+    _primed: bool = False
+
+    def clone(self) -> LoopGuard:
+        return LoopGuard(self.eos_id, self.rule)
+
+    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        if not self._primed:
+            self._primed = True
+            return logits
+        return self.process_last_token(int(history[-1].item()), logits)
+
+    def process_last_token(self, token: int, logits: mx.array) -> mx.array:
+        self.tokens.append(token)
+        if self.fired or ends_in_loop(self.tokens, self.rule):
+            self.fired = True
+            only_eos = mx.arange(logits.shape[-1]) == self.eos_id
+            return mx.where(only_eos, mx.zeros_like(logits), mx.full(logits.shape, -math.inf, logits.dtype))
+        return logits
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+
+
+def _one(
+    loaded: LoadedModel, example: EvalExample, max_tokens: int, temperature: float, seed: int, rule: LoopRule
+) -> Generation:
+    from mlx_vlm import stream_generate
+
+    mx.random.seed(seed)
+    _reset_stopping(loaded)
+    tokens: list[int] = []
+    reason, prompt_tokens, prompt_tps, gen_tps = "length", 0, 0.0, 0.0
+    tic = time.perf_counter()
+    stream = stream_generate(
+        loaded.model,
+        loaded.processor,
+        formatted_prompt(loaded, example.prompt),
+        image=[str(example.image_path)],
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    for response in stream:
+        prompt_tokens, prompt_tps = response.prompt_tokens, response.prompt_tps
+        if response.finish_reason is not None:
+            reason = response.finish_reason
+            break
+        if response.token is None:
+            break
+        tokens.append(int(response.token))
+        gen_tps = response.generation_tps
+        if ends_in_loop(tokens, rule):
+            reason = "repetition"
+            break
+    stream.close()
+    latency = time.perf_counter() - tic
+    return Generation(_detokenize(loaded, tokens), latency, prompt_tokens, prompt_tps, len(tokens), gen_tps, reason)
+
+
+def _prompt_token_count(loaded: LoadedModel, example: EvalExample) -> int:
+    from mlx_vlm import prepare_inputs
+    from mlx_vlm.utils import should_add_special_tokens
+
+    inputs = prepare_inputs(
+        loaded.processor,
+        images=[str(example.image_path)],
+        prompts=[formatted_prompt(loaded, example.prompt)],
+        image_token_index=getattr(loaded.model.config, "image_token_index", None),
+        add_special_tokens=should_add_special_tokens(loaded.model.config.model_type, loaded.processor),
+    )
+    return int(inputs["input_ids"].shape[1])
+
+
+def _batch(
+    loaded: LoadedModel, examples: Sequence[EvalExample], max_tokens: int, temperature: float, seed: int, rule: LoopRule
+) -> list[Generation]:
+    from mlx_vlm import batch_generate
+    from mlx_vlm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    _reset_stopping(loaded)
+    guards = [LoopGuard(_eos_ids(loaded)[0], rule) for _ in examples]
+    kwargs: dict[str, Any] = {"sampler": make_sampler(temp=temperature)} if temperature > 0 else {}
+    tic = time.perf_counter()
+    result = batch_generate(
+        loaded.model,
+        loaded.processor,
+        images=[str(e.image_path) for e in examples],
+        prompts=[e.prompt for e in examples],  # batch_generate applies the chat template itself
+        max_tokens=max_tokens,
+        logits_processors=[[g] for g in guards],
+        **kwargs,
+    )
+    latency = time.perf_counter() - tic
+    stats = result.stats
+    out = []
+    eos = set(_eos_ids(loaded))
+    for example, text, guard in zip(examples, result.texts, guards, strict=True):
+        # the guard saw every emitted token, the stopping EOS included
+        stopped = bool(guard.tokens) and guard.tokens[-1] in eos
+        n_tokens = len(guard.tokens) - stopped
+        reason = "repetition" if guard.fired else "stop" if stopped else "length"
+        out.append(
+            Generation(
+                text=str(text),
+                latency_s=latency,
+                prompt_tokens=_prompt_token_count(loaded, example),
+                prompt_tps=float(stats.prompt_tps),
+                generation_tokens=n_tokens,
+                generation_tps=float(stats.generation_tps),
+                finish_reason=reason,
+                batched=True,
+            )
+        )
+    return out
+
+
+def _batch_prompt_matches(loaded: LoadedModel, prompt: str) -> bool:
+    """batch_generate templates a plain string prompt; it must equal our chat_messages formatting."""
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    plain = apply_chat_template(loaded.processor, loaded.model.config, prompt, num_images=1)
+    return str(plain) == formatted_prompt(loaded, prompt)
+
+
+def run_settings(
+    loaded: LoadedModel,
+    *,
+    max_tokens: int,
+    seed: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    loop_rule: LoopRule = TOKEN_LOOP_RULE,
+) -> dict:
+    """What a rerun needs to reproduce `generate_analyses`: decoding settings, dtype, device and versions."""
+    import importlib.metadata as metadata
+
+    first = next(v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    return {
+        "decoding": "greedy" if temperature == 0 else f"sampled at temperature {temperature}",
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "batch_size": batch_size,
+        "loop_guard": dataclasses.asdict(loop_rule),
+        "adapter_fused_layers": loaded.fused_layers,
+        "dtype": str(first.dtype),
+        "device": str(mx.default_device()),
+        "mlx": metadata.version("mlx"),
+        "mlx_vlm": metadata.version("mlx-vlm"),
+    }
+
+
+def generate_analyses(
+    loaded: LoadedModel,
+    examples: Sequence[EvalExample],
+    *,
+    max_tokens: int,
+    seed: int = 0,
+    batch_size: int = 1,
+    temperature: float = 0.0,
+    loop_rule: LoopRule = TOKEN_LOOP_RULE,
+    warmup: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generation]:
+    """One `Generation` per example, in order. `batch_size > 1` batches with mlx-vlm's batch_generate when
+    its prompt formatting matches training's; otherwise (or with batch_size 1) examples run one by one.
+    `warmup` first runs a few untimed tokens, so one-time setup does not land in the first example's latency
+    (and in whichever model happens to be evaluated first)."""
+    if not examples:
+        return []
+    if warmup:
+        _one(loaded, examples[0], min(8, max_tokens), temperature, seed, loop_rule)
+    batched = batch_size > 1 and all(_batch_prompt_matches(loaded, p) for p in {e.prompt for e in examples})
+    step = batch_size if batched else 1
+    out: list[Generation] = []
+    for start in range(0, len(examples), step):
+        chunk = examples[start : start + step]
+        if batched:
+            out.extend(_batch(loaded, chunk, max_tokens, temperature, seed, loop_rule))
+        else:
+            out.append(_one(loaded, chunk[0], max_tokens, temperature, seed, loop_rule))
+        if progress is not None:
+            progress(len(out), len(examples))
+    return out

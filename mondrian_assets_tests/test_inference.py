@@ -1,0 +1,178 @@
+"""Inference on the real tiny Qwen3-VL checkpoint: prompts, fused adapters, batching, stopping, the loop guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mondrian_assets.core import inference as inf
+from mondrian_assets.core import schema
+from mondrian_assets.core.metrics import EvalExample, LoopRule
+from mondrian_assets.core.tiny_model import build_tiny_base_model
+
+MAX_TOKENS = 48
+
+
+def reference(overall: int) -> str:
+    dims = [
+        {"name": n, "score": overall, "comment": "Balanced.", "recommendation": "Lower the horizon."}
+        for n in schema.DIMENSION_NAMES[:7]
+    ]
+    data = {
+        "image_description": "Dunes under a low sun.",
+        "dimensions": dims,
+        "overall_score": overall,
+        "key_strengths": ["texture"],
+        "priority_improvements": ["sky"],
+        "technical_notes": "f/11",
+    }
+    return json.dumps(data, separators=(",", ":"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("inference")
+
+
+@pytest.fixture(scope="module")
+def base_path(workdir) -> str:
+    prompt = schema.build_prompt(None, "You are Ansel Adams.")
+    corpus = [prompt, *(reference(s) for s in range(3, 11))]
+    return str(build_tiny_base_model(workdir / "base", corpus, seed=0))
+
+
+@pytest.fixture(scope="module")
+def examples(workdir) -> list[EvalExample]:
+    out = []
+    for i, size in enumerate([(96, 72), (64, 96)]):
+        path = workdir / f"photo{i}.jpg"
+        pixels = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        out.append(EvalExample(f"ex{i}", path, schema.build_prompt(None, "You are Ansel Adams."), reference(6 + i)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(workdir, base_path) -> Path:
+    """A LoRA adapter saved by mlx-vlm's own trainer utilities, with non-zero B so it changes the model."""
+    import mlx_vlm
+    from mlx_vlm.trainer import get_peft_model, save_adapter
+
+    model, _ = mlx_vlm.load(base_path)
+    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
+    mx.random.seed(1)
+    for _, module in model.named_modules():
+        if "lora_b" in module:
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
+    out = workdir / "adapter"
+    out.mkdir()
+    save_adapter(model, out / "adapters.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(base_path) -> inf.LoadedModel:
+    return inf.load_for_inference(base_path, None)
+
+
+@pytest.fixture(scope="module")
+def tuned(base_path, adapter_dir) -> inf.LoadedModel:
+    return inf.load_for_inference(base_path, adapter_dir)
+
+
+def test_generate_analyses_on_two_images(base, examples):
+    first = inf.generate_analyses(base, examples, max_tokens=MAX_TOKENS, seed=0)
+    assert len(first) == 2
+    for g in first:
+        assert g.finish_reason in {"stop", "length", "repetition"}
+        assert 0 < g.prompt_tokens and 0 < g.generation_tokens <= MAX_TOKENS
+        assert g.latency_s > 0 and g.prompt_tps > 0 and g.generation_tps > 0
+        assert not g.batched
+    again = inf.generate_analyses(base, examples, max_tokens=MAX_TOKENS, seed=0, warmup=False)
+    assert [g.text for g in again] == [g.text for g in first]  # greedy and seeded: reproducible
+
+
+def test_run_settings_record_what_a_rerun_needs(tuned):
+    settings = inf.run_settings(tuned, max_tokens=64, seed=3, batch_size=4)
+    assert settings["decoding"] == "greedy" and settings["seed"] == 3 and settings["adapter_fused_layers"] > 0
+    assert settings["dtype"] == "mlx.core.float32" and settings["mlx_vlm"] == "0.7.10"
+    json.dumps(settings)
+
+
+def test_prompt_is_the_training_chat_format(base):
+    text = inf.formatted_prompt(base, "Rate it.")
+    user = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Rate it.<|im_end|>\n"
+    assert text == user + "<|im_start|>assistant\n"
+
+
+def test_max_tokens_covers_the_longest_reference(base, examples):
+    longest = max(len(base.tokenizer.encode(e.reference, add_special_tokens=False)) for e in examples)
+    assert inf.max_tokens_for(base, [e.reference for e in examples]) >= longest * 1.25
+
+
+def test_fused_adapter_equals_unfused_and_differs_from_base(base, tuned, base_path, adapter_dir):
+    assert tuned.fused_layers > 0
+    unfused = inf.load_for_inference(base_path, adapter_dir, fuse=False)
+    tokens = mx.array([[5, 17, 42, 99, 3, 7]])
+    fused_logits = tuned.model.language_model(tokens).logits
+    assert mx.allclose(fused_logits, unfused.model.language_model(tokens).logits, atol=1e-4).item()
+    assert not mx.allclose(fused_logits, base.model.language_model(tokens).logits, atol=1e-2).item()
+
+
+def test_adapter_that_does_not_match_the_model_is_refused(base_path, adapter_dir, tmp_path):
+    weights = mx.load(str(adapter_dir / "adapters.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    renamed = {k.replace("layers", "blocks"): v for k, v in weights.items()}  # keys no model parameter has
+    mx.save_safetensors(str(broken / "adapters.safetensors"), renamed)
+    with pytest.raises(inf.AdapterNotApplied):
+        inf.load_for_inference(base_path, broken)
+
+
+def test_batched_generation_matches_one_by_one(tuned, examples):
+    one = inf.generate_analyses(tuned, examples, max_tokens=MAX_TOKENS, warmup=False)
+    batched = inf.generate_analyses(tuned, examples, max_tokens=MAX_TOKENS, batch_size=2, warmup=False)
+    assert [g.text for g in batched] == [g.text for g in one]
+    assert [g.generation_tokens for g in batched] == [g.generation_tokens for g in one]
+    assert [g.finish_reason for g in batched] == [g.finish_reason for g in one]
+    assert [g.prompt_tokens for g in batched] == [g.prompt_tokens for g in one]
+    assert all(g.batched for g in batched)
+
+
+def test_end_of_sequence_stops_both_paths(base_path, examples):
+    silent = inf.load_for_inference(base_path, None)
+    norm = silent.model.language_model.model.norm
+    norm.weight = mx.zeros_like(norm.weight)  # all logits 0: argmax is token 0, <|endoftext|>, an EOS id
+    for batch_size in (1, 2):
+        out = inf.generate_analyses(silent, examples, max_tokens=MAX_TOKENS, batch_size=batch_size, warmup=False)
+        assert [(g.text, g.generation_tokens, g.finish_reason) for g in out] == [("", 0, "stop")] * 2
+
+
+def test_loop_guard_forces_end_of_sequence():
+    guard = inf.LoopGuard(eos_id=0, rule=LoopRule(max_period=4, min_repeats=3, min_span=6))
+    logits = mx.ones((1, 10))
+    assert guard(mx.array([3, 3, 3, 3, 3, 3, 3]), logits) is logits  # the prompt is never a loop
+    for token in [5, 6, 5, 6, 5]:
+        assert guard.process_last_token(token, logits) is logits
+    forced = guard.process_last_token(6, logits)
+    assert guard.fired and int(mx.argmax(forced, axis=-1).item()) == 0
+    assert guard.clone().tokens == [] and not guard.clone().fired
+
+
+def test_load_eval_examples_resolves_relative_images(tmp_path):
+    records = [
+        {"image_path": "images/a.jpg", "prompt": "p", "response": "{}", "job_id": "j1"},
+        {"image_path": "/abs/b.jpg", "prompt": "q", "response": "{}"},
+    ]
+    path = tmp_path / "training_data_ansel_val.json"
+    path.write_text(json.dumps(records))
+    loaded = inf.load_eval_examples(path)
+    assert loaded[0] == EvalExample("j1", tmp_path / "images/a.jpg", "p", "{}")
+    assert loaded[1].image_path == Path("/abs/b.jpg") and loaded[1].example_id == "0001-b"
+    assert len(inf.load_eval_examples(path, limit=1)) == 1

@@ -1,0 +1,294 @@
+"""Metrics, gates and verdict on hand-made outputs with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mondrian_assets.core import metrics as m
+from mondrian_assets.core import schema
+from mondrian_assets.core.metrics import EvalExample, Generation
+
+DIMS = ("Composition", "Lighting", "Focus & Sharpness")
+PROMPT = schema.build_prompt(None, 'Answer like {"overall_score": 7.4}.')
+
+
+def analysis_json(overall: float, dims: dict[str, float] | None = None) -> str:
+    dims = dims if dims is not None else {name: overall for name in DIMS}
+    return json.dumps(
+        {
+            "image_description": "A barn under snow.",
+            "dimensions": [
+                {"name": n, "score": s, "comment": "Fine.", "recommendation": "Crop tighter."} for n, s in dims.items()
+            ],
+            "overall_score": overall,
+            "key_strengths": ["tones"],
+            "priority_improvements": ["horizon"],
+            "technical_notes": "f/8",
+        }
+    )
+
+
+def gen(text: str, *, latency: float = 1.0, tokens: int = 10, tps: float = 10.0, reason: str = "stop") -> Generation:
+    return Generation(text, latency, 100, 200.0, generation_tokens=tokens, generation_tps=tps, finish_reason=reason)
+
+
+def examples(*overalls: float, dims: list[dict[str, float]] | None = None) -> list[EvalExample]:
+    return [
+        EvalExample(f"e{i}", Path(f"/img/{i}.jpg"), PROMPT, analysis_json(o, dims[i] if dims else None))
+        for i, o in enumerate(overalls)
+    ]
+
+
+# hand-made outputs --------------------------------------------------------------------------------------------
+
+VALID_8 = analysis_json(8)
+FENCED_6 = "Here you go:\n```json\n" + analysis_json(6) + "\n```"
+TRUNCATED = analysis_json(5)[:120]
+WRONG_SCHEMA = json.dumps({"description": "a barn", "score": 7})
+LOOPING = '{"image_description": "' + "the light the light " * 40
+COPIED = analysis_json(7.4)
+
+
+def test_format_compliance_counts_only_whole_valid_analyses():
+    parsed = [schema.parse_analysis(t) for t in (VALID_8, FENCED_6, TRUNCATED, WRONG_SCHEMA, LOOPING, COPIED)]
+    assert m.format_compliance(parsed) == pytest.approx(3 / 6)
+    assert [p.ok for p in parsed] == [True, True, False, False, False, True]
+    assert m.format_compliance([]) is None
+
+
+def test_field_compliance_per_top_level_field():
+    partial = json.loads(VALID_8)
+    partial["overall_score"] = 12  # out of range
+    del partial["technical_notes"]
+    parsed = [schema.parse_analysis(t) for t in (VALID_8, json.dumps(partial), TRUNCATED, WRONG_SCHEMA)]
+    fields = m.field_compliance(parsed)
+    assert fields["image_description"] == pytest.approx(2 / 4)
+    assert fields["overall_score"] == pytest.approx(1 / 4)
+    assert fields["technical_notes"] == pytest.approx(1 / 4)
+    assert set(schema.REQUIRED_FIELDS) <= set(fields)
+    assert m.field_compliance([schema.parse_analysis("")]) == {f: 0.0 for f in schema.REQUIRED_FIELDS}
+
+
+def test_score_errors_on_known_values():
+    dims = [{"Composition": 6, "Lighting": 8}, {"Composition": 5, "Lighting": 5}, {"Composition": 9}]
+    refs = examples(7, 5, 9, dims=dims)
+    outs = [
+        gen(analysis_json(8, {"Composition": 7, "Lighting": 8})),  # |8-7| = 1; dims 1, 0
+        gen(analysis_json(5, {"Composition": 3, "Color Harmony": 5})),  # 0; Composition 2, Lighting unmatched
+        gen(TRUNCATED),  # not scored
+    ]
+    result = m.model_metrics(refs, outs)
+    assert result.valid_outputs == 2 and result.scored_examples == 2
+    assert result.overall_score_mae == pytest.approx(0.5)
+    assert result.dimension_score_mae == {"Composition": pytest.approx(1.5), "Lighting": pytest.approx(0.0)}
+    assert result.dimension_score_mae_mean == pytest.approx(1.0)  # (1 + 0 + 2) / 3
+    assert result.dimension_match_rate == pytest.approx(3 / 4)
+    assert result.avg_score == pytest.approx(6.5)
+    assert result.score_correlation == pytest.approx(1.0)  # two points: (8, 7) and (5, 5)
+
+
+def test_no_valid_output_means_undefined_scores_not_zero():
+    result = m.model_metrics(examples(7, 5), [gen(TRUNCATED), gen(WRONG_SCHEMA)])
+    assert result.format_compliance == 0.0
+    assert result.overall_score_mae is None
+    assert result.score_correlation is None
+    assert result.avg_score is None
+    assert result.error_codes == {"truncated_json": 1, "missing_fields": 1}
+
+
+def test_pearson_undefined_cases():
+    assert m.pearson([1.0], [2.0]) is None
+    assert m.pearson([3.0, 3.0, 3.0], [1.0, 2.0, 3.0]) is None
+    assert m.pearson([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_copy_rate_counts_the_prompts_example_score():
+    assert schema.example_scores_in_prompt(PROMPT) == {7.4}
+    result = m.model_metrics(examples(7, 6, 8), [gen(COPIED), gen(COPIED), gen(VALID_8)])
+    assert result.example_score_copy_rate == pytest.approx(2 / 3)
+
+
+def test_repetition_detection():
+    assert m.find_loop(LOOPING) is not None
+    period, span = m.find_loop(LOOPING)
+    assert period == len("the light ") and span >= 4 * period
+    assert m.find_loop(VALID_8) is None
+    assert m.find_loop(FENCED_6) is None
+    assert m.find_loop("aaaa") is None  # too short to call a loop
+    result = m.model_metrics(examples(7, 7, 7), [gen(LOOPING), gen(VALID_8), gen("cut", reason="repetition")])
+    assert result.repetition_rate == pytest.approx(2 / 3)
+
+
+def test_token_tail_loop_guard_rule():
+    rule = m.LoopRule(max_period=8, min_repeats=4, min_span=8)
+    assert m.ends_in_loop([1, 2, 3] + [5, 6] * 4, rule)
+    assert not m.ends_in_loop([1, 2, 3] + [5, 6] * 3, rule)  # 6 items < min_span
+    assert not m.ends_in_loop([5, 6] * 4 + [7], rule)  # the loop is not at the tail
+    assert m.ends_in_loop([9] * 8, rule)
+    assert not m.ends_in_loop(list(range(100)), rule)
+    assert not m.ends_in_loop([], rule)
+
+
+def test_latency_throughput_and_length():
+    outs = [
+        gen("a" * 10, latency=1.0, tokens=10, tps=10.0),
+        gen("b" * 30, latency=3.0, tokens=30, tps=30.0),
+        gen("", latency=2.0, tokens=0, tps=0.0),
+    ]
+    result = m.model_metrics(examples(7, 7, 7), outs)
+    assert result.latency_mean_s == pytest.approx(2.0)
+    assert result.latency_p50_s == pytest.approx(2.0)
+    assert result.latency_p95_s == pytest.approx(2.9)
+    assert result.decode_tokens_per_s == pytest.approx(40 / 2.0)  # 40 tokens in 1 s + 1 s
+    assert result.prefill_tokens_per_s == pytest.approx(200.0)
+    assert result.output_chars_mean == pytest.approx(40 / 3, abs=0.05)
+    assert result.output_tokens_mean == pytest.approx(40 / 3, abs=0.05)
+    assert m.percentile([], 50) is None
+
+
+def test_mean_baseline_and_model_metrics_need_equal_lengths():
+    train = [schema.parse_analysis(analysis_json(o, {"Composition": o - 1})).analysis for o in (6, 8)]
+    refs = [schema.parse_analysis(analysis_json(o, {"Composition": c})).analysis for o, c in ((9, 5), (5, 6))]
+    baseline = m.mean_baseline(train, refs)
+    assert baseline.predicted_overall == 7.0
+    assert baseline.predicted_dimensions == {"Composition": 6.0}
+    assert baseline.overall_score_mae == pytest.approx(2.0)
+    assert baseline.dimension_score_mae_mean == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        m.model_metrics(examples(7), [])
+
+
+# comparison, gates, verdict ---------------------------------------------------------------------------------
+
+TRAIN = [schema.parse_analysis(analysis_json(o)).analysis for o in (6, 7, 8)]  # mean 7
+
+
+def comparison(base_texts, ft_texts, refs=(8, 6), base_latency=1.0, ft_latency=1.05):
+    ex = examples(*refs)
+    base = [gen(t, latency=base_latency) for t in base_texts]
+    ft = [gen(t, latency=ft_latency) for t in ft_texts]
+    return m.compare(ex, base, ft, TRAIN)
+
+
+def gate(results, name):
+    return next(g for g in results if g.name == name)
+
+
+def test_improvements_are_fine_tuned_minus_base():
+    c = comparison([analysis_json(5), TRUNCATED], [analysis_json(8), analysis_json(6)])
+    assert c.improvements["format_compliance"] == pytest.approx(0.5)
+    assert c.improvements["overall_score_mae"] == pytest.approx(0.0 - 3.0)
+    assert c.improvements["field_compliance"]["overall_score"] == pytest.approx(0.5)
+    assert c.improvements["inference_overhead"] == pytest.approx(0.05)
+    assert c.improvements["decode_overhead"] == pytest.approx(0.0)
+    assert c.improvements["score_correlation"] is None  # base has a single scored pair
+    assert c.improvements["overall_score_mae_vs_mean_baseline"] == pytest.approx(0.0 - 1.0)
+
+
+def test_all_gates_pass_when_fine_tuned_is_good():
+    c = comparison([analysis_json(5), TRUNCATED], [analysis_json(8), analysis_json(6)])
+    results = m.evaluate_gates(c)
+    assert [g.name for g in results] == ["format_compliance", "score_mae_vs_base", "inference_overhead"]
+    assert all(g.passed for g in results), [g.message for g in results]
+    text = m.verdict(c, results)
+    assert text.endswith("Deploy: yes.")
+    assert "Fine-tuned minus base: format compliance +0.50, overall-score MAE -3.00" in text
+
+
+def test_format_gate_fails_below_threshold():
+    c = comparison([VALID_8, VALID_8], [analysis_json(8), TRUNCATED])
+    g = gate(m.evaluate_gates(c), "format_compliance")
+    assert not g.passed and g.value == 0.5 and g.threshold == 0.95
+    assert "1/2" in g.message
+
+
+def test_score_gate_fails_when_fine_tuned_is_worse_than_base():
+    c = comparison([analysis_json(8), analysis_json(6)], [analysis_json(3), analysis_json(3)])
+    g = gate(m.evaluate_gates(c), "score_mae_vs_base")
+    assert not g.passed and g.value == pytest.approx(4.0) and g.threshold == pytest.approx(0.0)
+
+
+def test_score_gate_with_undefined_base_falls_back_to_mean_baseline():
+    # base never valid; mean baseline (always 7) has MAE 1.0 on refs (8, 6)
+    beats = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(8), analysis_json(6.5)])
+    g = gate(m.evaluate_gates(beats), "score_mae_vs_base")
+    assert g.passed and g.threshold == pytest.approx(1.0) and "mean-score baseline" in g.message
+
+    # always answering 7 ties the baseline (MAE 1.0): a tie is no evidence of looking at the image
+    blind = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), analysis_json(7)])
+    g = gate(m.evaluate_gates(blind), "score_mae_vs_base")
+    assert not g.passed and g.value == pytest.approx(1.0) and "does not beat" in g.message
+
+
+def test_score_gate_tie_with_base_passes():
+    c = comparison([analysis_json(7), analysis_json(7)], [analysis_json(7), analysis_json(7)])
+    assert gate(m.evaluate_gates(c), "score_mae_vs_base").passed
+    strict = m.GateThresholds(mae_tolerance=-0.01)
+    assert not gate(m.evaluate_gates(c, strict), "score_mae_vs_base").passed
+
+
+def test_score_gate_without_fallback_passes_when_nothing_to_regress_from():
+    c = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(3), analysis_json(3)])
+    assert not gate(m.evaluate_gates(c), "score_mae_vs_base").passed
+    g = gate(m.evaluate_gates(c, m.GateThresholds(fallback_to_mean_baseline=False)), "score_mae_vs_base")
+    assert g.passed and g.threshold is None
+
+
+def test_score_gate_fails_without_any_fine_tuned_score():
+    c = comparison([VALID_8, VALID_8], [TRUNCATED, TRUNCATED])
+    g = gate(m.evaluate_gates(c), "score_mae_vs_base")
+    assert not g.passed and g.value is None
+
+
+def test_overhead_gate_per_token_by_default():
+    ex = examples(8, 6)
+    base = [gen(VALID_8, latency=1.0, tps=20.0)] * 2
+    slower_decode = [gen(VALID_8, latency=1.0, tps=16.0)] * 2  # 25% more time per token
+    g = gate(m.evaluate_gates(m.compare(ex, base, slower_decode, TRAIN)), "inference_overhead")
+    assert not g.passed and g.value == pytest.approx(0.25) and g.threshold == 0.10
+    close = [gen(VALID_8, latency=1.0, tps=19.0)] * 2
+    assert gate(m.evaluate_gates(m.compare(ex, base, close, TRAIN)), "inference_overhead").passed
+
+
+def test_overhead_gate_on_latency():
+    by_latency = m.GateThresholds(overhead_basis="latency")
+    longer_answers = comparison([VALID_8, VALID_8], [VALID_8, VALID_8], base_latency=1.0, ft_latency=1.2)
+    assert gate(m.evaluate_gates(longer_answers), "inference_overhead").passed  # same cost per token
+    g = gate(m.evaluate_gates(longer_answers, by_latency), "inference_overhead")
+    assert not g.passed and g.value == pytest.approx(0.2)
+    fast = comparison([VALID_8, VALID_8], [VALID_8, VALID_8], base_latency=1.0, ft_latency=1.09)
+    assert gate(m.evaluate_gates(fast, by_latency), "inference_overhead").passed
+    with pytest.raises(ValueError):
+        m.evaluate_gates(fast, m.GateThresholds(overhead_basis="vibes"))
+
+
+def test_overhead_gate_fails_when_undefined():
+    silent = [Generation("", 0.0, 0, 0.0, 0, 0.0)] * 2
+    g = gate(m.evaluate_gates(m.compare(examples(8, 6), silent, silent, TRAIN)), "inference_overhead")
+    assert not g.passed and g.value is None
+
+
+def test_verdict_says_plainly_when_the_image_is_ignored():
+    # fine-tuned always answers 7 = the training mean: valid format, scores no better than the baseline
+    c = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), analysis_json(7)])
+    text = m.verdict(c, m.evaluate_gates(c))
+    assert "learned the format but not to look at the image" in text
+    assert "Format: fine-tuned 2/2 valid" in text
+
+    good = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(8), analysis_json(6)])
+    assert "look at the image" not in m.verdict(good, m.evaluate_gates(good))
+
+    half = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), TRUNCATED])  # 1/2 valid, and blind
+    text = m.verdict(half, m.evaluate_gates(half))
+    assert "learned neither the format nor to look at the image" in text and text.endswith("Deploy: no.")
+
+
+def test_comparison_dict_has_the_plan_keys():
+    c = comparison([VALID_8, TRUNCATED], [VALID_8, FENCED_6])
+    d = c.as_dict()
+    assert set(d) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements"}
+    assert {"format_compliance", "avg_score", "overall_score_mae", "latency_mean_s"} <= set(d["base_model"])
+    json.dumps(d)  # JSON-ready
