@@ -7,9 +7,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from mondrian_assets.core.base_model import ensure_embedded_base_model
 from mondrian_assets.core.demo_data import DemoSummary, generate_demo_app
 from mondrian_assets.core.locations import Locations
-from mondrian_assets.defs.resources import MondrianDatabase
+from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
 
@@ -41,3 +42,15 @@ def mondrian_db(locations) -> MondrianDatabase:
 def instance():
     with dg.instance_for_test() as inst:
         yield inst
+
+
+@pytest.fixture(scope="session")
+def embedded_base(tmp_path_factory) -> Path:
+    """The real embedded tiny Qwen3-VL, built once per session."""
+    return ensure_embedded_base_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def trainer(embedded_base) -> MlxTrainer:
+    """Short real training runs: enough steps for the loss to fall, few enough for a test."""
+    return MlxTrainer(base_model=str(embedded_base), iters=12, eval_interval=6, save_interval=6, warmup_steps=2)

@@ -1,25 +1,14 @@
 """lora_adapter and eval_report through Dagster, on the real embedded model with short real training runs."""
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
-from mondrian_assets.core.base_model import ensure_embedded_base_model
 from mondrian_assets.defs import evaluation, linking, splits, training
 from mondrian_assets.defs.resources import MlxTrainer
 
 ASSETS = [linking.linked_records, splits.advisor_splits, training.lora_adapter, evaluation.eval_report]
-
-
-@pytest.fixture(scope="session")
-def embedded_base(tmp_path_factory) -> Path:
-    return ensure_embedded_base_model(tmp_path_factory.mktemp("models"))
-
-
-def short_trainer(base: Path) -> MlxTrainer:
-    return MlxTrainer(base_model=str(base), iters=12, eval_interval=6, save_interval=6, warmup_steps=2)
 
 
 def run(selection, advisor, mondrian_db, trainer, instance, run_config=None) -> dg.ExecuteInProcessResult:
@@ -39,9 +28,9 @@ def linked(mondrian_db, instance):
     assert dg.materialize([linking.linked_records], resources={"mondrian_db": mondrian_db}, instance=instance).success
 
 
-def test_adapter_trains_writes_its_files_and_passes_its_checks(linked, locations, mondrian_db, embedded_base, instance):
-    assert run(["train_split", "val_split"], "weston", mondrian_db, None, instance).success
-    result = run(["lora_adapter"], "weston", mondrian_db, short_trainer(embedded_base), instance)
+def test_adapter_trains_writes_its_files_and_passes_its_checks(linked, locations, mondrian_db, embedded_base, trainer, instance):
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    result = run(["lora_adapter"], "weston", mondrian_db, trainer, instance)
     assert result.success
     adapter = locations.models / "adapters" / "weston"
     for name in ("adapter_config.json", "adapters.safetensors", "training_args.json", "training_log.jsonl", "loss_curve.png"):
@@ -59,27 +48,27 @@ def test_adapter_trains_writes_its_files_and_passes_its_checks(linked, locations
                       "trainable_parameters_as_configured": True}  # fmt: skip
 
 
-def test_tiny_advisor_training_is_refused_with_a_reason(linked, mondrian_db, embedded_base, instance):
-    assert run(["train_split", "val_split"], "okeefe", mondrian_db, None, instance).success
-    result = run(["lora_adapter"], "okeefe", mondrian_db, short_trainer(embedded_base), instance)
+def test_tiny_advisor_training_is_refused_with_a_reason(linked, mondrian_db, trainer, instance):
+    assert run(["train_split", "val_split"], "okeefe", mondrian_db, trainer, instance).success
+    result = run(["lora_adapter"], "okeefe", mondrian_db, trainer, instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "no validation examples" in failure.event_specific_data.error.message
 
 
-def test_missing_base_model_is_a_clear_config_error(linked, mondrian_db, tmp_path, instance):
-    assert run(["train_split", "val_split"], "weston", mondrian_db, None, instance).success
+def test_missing_base_model_is_a_clear_config_error(linked, mondrian_db, trainer, tmp_path, instance):
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
     result = run(["lora_adapter"], "weston", mondrian_db, MlxTrainer(base_model=str(tmp_path / "nowhere")), instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "nowhere" in failure.event_specific_data.error.message
 
 
-def test_eval_report_materializes_even_when_a_gate_blocks(linked, locations, mondrian_db, embedded_base, instance):
-    assert run(["train_split", "val_split"], "weston", mondrian_db, None, instance).success
-    assert run(["lora_adapter"], "weston", mondrian_db, short_trainer(embedded_base), instance).success
+def test_eval_report_materializes_even_when_a_gate_blocks(linked, locations, mondrian_db, trainer, instance):
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    assert run(["lora_adapter"], "weston", mondrian_db, trainer, instance).success
     config = {"ops": {"eval_report": {"config": {"max_examples": 2, "max_tokens": 24, "batch_size": 2}}}}
-    result = run(["eval_report"], "weston", mondrian_db, short_trainer(embedded_base), instance, config)
+    result = run(["eval_report"], "weston", mondrian_db, trainer, instance, config)
 
     report_path = locations.evaluation / "weston" / "comparison_report.json"
     report = json.loads(report_path.read_text())

@@ -21,14 +21,13 @@ def materialize_link(mondrian_db, instance) -> dg.ExecuteInProcessResult:
     return result
 
 
-def materialize_split(mondrian_db, instance, advisor: str, **config) -> dg.ExecuteInProcessResult:
+def materialize_split(mondrian_db, instance, advisor: str, trainer) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         ASSETS,
         selection=["train_split", "val_split"],
         partition_key=advisor,
-        resources={"mondrian_db": mondrian_db},
+        resources={"mondrian_db": mondrian_db, "mlx_trainer": trainer},
         instance=instance,
-        run_config={"ops": {"advisor_splits": {"config": config}}} if config else None,
     )
 
 
@@ -36,9 +35,9 @@ def sides(locations, advisor: str) -> dict[str, str]:
     return json.loads(splits.split_files(locations.training_data, advisor).meta_json.read_text())["sides"]
 
 
-def test_split_materializes_files_checks_and_metadata(locations, mondrian_db, instance):
+def test_split_materializes_files_checks_and_metadata(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
-    result = materialize_split(mondrian_db, instance, "ansel")
+    result = materialize_split(mondrian_db, instance, "ansel", trainer)
     assert result.success
     files = splits.split_files(locations.training_data, "ansel")
     train = json.loads(files.train_json.read_text())
@@ -62,17 +61,19 @@ def test_split_materializes_files_checks_and_metadata(locations, mondrian_db, in
     meta = json.loads(files.meta_json.read_text())
     assert meta["counts"] == {"train": len(train), "val": len(val), "total": len(train) + len(val)}
     assert meta["data_version"] == train_meta["data_version"].value
+    # token lengths under the base model's own tokenizer, so max_seq_length can be checked before training
+    assert 0 < meta["tokens"]["response"]["min"] <= meta["tokens"]["response"]["max"] < 1024
 
 
-def test_adding_jobs_never_moves_an_old_example(locations, mondrian_db, instance):
+def test_adding_jobs_never_moves_an_old_example(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
-    assert materialize_split(mondrian_db, instance, "ansel").success
+    assert materialize_split(mondrian_db, instance, "ansel", trainer).success
     before = sides(locations, "ansel")
     version_before = json.loads(splits.split_files(locations.training_data, "ansel").meta_json.read_text())["data_version"]
 
     append_demo_jobs(locations.app_dir, 20, seed=123)
     materialize_link(mondrian_db, instance)
-    assert materialize_split(mondrian_db, instance, "ansel").success
+    assert materialize_split(mondrian_db, instance, "ansel", trainer).success
     after = sides(locations, "ansel")
     assert len(after) == len(before) + 20
     assert all(after[image] == side for image, side in before.items())
@@ -106,9 +107,9 @@ def test_side_depends_only_on_the_image(tmp_path):
     assert [splits.side_of(h, fraction) for h in hashes] == [splits.side_of(h, fraction) for h in hashes]
 
 
-def test_tiny_advisor_gets_no_validation_set(locations, mondrian_db, instance):
+def test_tiny_advisor_gets_no_validation_set(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
-    result = materialize_split(mondrian_db, instance, "okeefe")
+    result = materialize_split(mondrian_db, instance, "okeefe", trainer)
     assert result.success
     meta = json.loads(splits.split_files(locations.training_data, "okeefe").meta_json.read_text())
     assert meta["counts"] == {"train": 3, "val": 0, "total": 3}
@@ -117,18 +118,18 @@ def test_tiny_advisor_gets_no_validation_set(locations, mondrian_db, instance):
     assert "no validation set" in val_meta.materialization.metadata["note"].value
 
 
-def test_new_advisor_becomes_a_partition(locations, mondrian_db, instance):
+def test_new_advisor_becomes_a_partition(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
     assert "gilpin" not in instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME)
     append_demo_jobs(locations.app_dir, 6, seed=5, advisor="gilpin")
     materialize_link(mondrian_db, instance)
     assert "gilpin" in instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME)
-    assert materialize_split(mondrian_db, instance, "gilpin").success
+    assert materialize_split(mondrian_db, instance, "gilpin", trainer).success
 
 
-def test_responses_round_trip_through_the_parser(locations, mondrian_db, instance):
+def test_responses_round_trip_through_the_parser(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
-    assert materialize_split(mondrian_db, instance, "weston").success
+    assert materialize_split(mondrian_db, instance, "weston", trainer).success
     files = splits.split_files(locations.training_data, "weston")
     for line in files.train_jsonl.read_text().splitlines() + files.val_jsonl.read_text().splitlines():
         response = json.loads(line)["messages"][1]["content"][0]["text"]

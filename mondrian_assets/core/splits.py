@@ -145,7 +145,19 @@ def split_files(training_data: Path, advisor: str) -> SplitFiles:
     )
 
 
-def split_meta(split: AdvisorSplit, config: SplitConfig) -> dict:
+def token_length_stats(texts: list[str], tokenizer_json: Path | None) -> dict:
+    """Token counts under the tokenizer training will use (prompt text only: image tokens come on top)."""
+    if tokenizer_json is None or not tokenizer_json.is_file() or not texts:
+        return {"note": "no local tokenizer.json for the base model"}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    lengths = sorted(len(encoding.ids) for encoding in tokenizer.encode_batch(texts))
+    return {"tokenizer": str(tokenizer_json), "min": lengths[0], "median": lengths[len(lengths) // 2],
+            "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "max": lengths[-1]}  # fmt: skip
+
+
+def split_meta(split: AdvisorSplit, config: SplitConfig, tokenizer_json: Path | None = None) -> dict:
     everything = split.train + split.val
     return {
         "advisor": split.advisor,
@@ -158,16 +170,20 @@ def split_meta(split: AdvisorSplit, config: SplitConfig) -> dict:
             "prompt": _length_stats([e.prompt for e in everything]),
             "response": _length_stats([e.response for e in everything]),
         },
+        "tokens": {
+            "prompt": token_length_stats([e.prompt for e in everything[:1]], tokenizer_json),
+            "response": token_length_stats([e.response for e in everything], tokenizer_json),
+        },
         "sides": {e.image_sha256: "train" for e in split.train} | {e.image_sha256: "val" for e in split.val},
     }
 
 
-def write_split(split: AdvisorSplit, config: SplitConfig, training_data: Path) -> SplitFiles:
+def write_split(split: AdvisorSplit, config: SplitConfig, training_data: Path, tokenizer_json: Path | None = None) -> SplitFiles:
     files = split_files(training_data, split.advisor)
     atomic.write_json(files.train_json, [e.seed_row() for e in split.train])
     atomic.write_json(files.val_json, [e.seed_row() for e in split.val])
     atomic.write_jsonl(files.train_jsonl, [e.mlx_row() for e in split.train])
     atomic.write_jsonl(files.val_jsonl, [e.mlx_row() for e in split.val])
     # meta last: its data_version vouches for the files written before it
-    atomic.write_json(files.meta_json, split_meta(split, config))
+    atomic.write_json(files.meta_json, split_meta(split, config, tokenizer_json))
     return files

@@ -3,6 +3,7 @@
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -13,7 +14,7 @@ from mondrian_assets.core import app_db, splits
 from mondrian_assets.core.images import APP_MAX_SIDE
 from mondrian_assets.core.schema import build_prompt, canonical_json, parse_analysis
 from mondrian_assets.defs.partitions import advisor_partitions
-from mondrian_assets.defs.resources import MondrianDatabase
+from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 
 MIN_TEXT_CHARS = 100  # the plan's bar for a non-trivial prompt and response
 
@@ -118,7 +119,8 @@ def _check_results(split: splits.AdvisorSplit, files: splits.SplitFiles, cfg: Sp
     check_specs=CHECKS,
 )
 def advisor_splits(
-    context: dg.AssetExecutionContext, config: SplitRunConfig, mondrian_db: MondrianDatabase, linked_records: pd.DataFrame
+    context: dg.AssetExecutionContext, config: SplitRunConfig, mondrian_db: MondrianDatabase, mlx_trainer: MlxTrainer,
+    linked_records: pd.DataFrame,
 ) -> Iterator[dg.Output | dg.AssetCheckResult]:
     """Split one advisor's linked records by image content hash; the prompt is the app's own (system prompt,
     then the advisor's prompt, then the instruction), the response the canonical JSON of the analysis."""
@@ -132,11 +134,12 @@ def advisor_splits(
     prompt = build_prompt(system_prompt, advisor_row.prompt if advisor_row else None, config.instruction)
     split_config = splits.SplitConfig(config.val_fraction, config.min_examples_for_val, config.max_image_side)
     split = splits.split_advisor(advisor, linked_records, prompt, split_config, loc.training_data / "images")
-    files = splits.write_split(split, split_config, loc.training_data)
+    base = Path(mlx_trainer.resolved_base_model(loc.models))
+    files = splits.write_split(split, split_config, loc.training_data, base / "tokenizer.json")
     context.log.info(f"{advisor}: {len(split.train)} train / {len(split.val)} val, data version {split.data_version}"
                      + (f" ({split.note})" if split.note else ""))
 
-    meta = splits.split_meta(split, split_config)
+    meta = json.loads(files.meta_json.read_text())
     for side, examples in (("train", split.train), ("val", split.val)):
         yield dg.Output(
             _split_value(files, split, side),
@@ -146,6 +149,7 @@ def advisor_splits(
                 "count": len(examples),
                 "data_version": split.data_version,
                 "score_mean": meta["score_distribution"][side].get("mean", 0.0),
+                "response_tokens_max": meta["tokens"]["response"].get("max", -1),
                 "note": split.note or "ok",
                 "jsonl": dg.MetadataValue.path(_split_value(files, split, side)["jsonl"]),
                 "sample": _sample_row(examples),
