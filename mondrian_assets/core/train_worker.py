@@ -1,0 +1,56 @@
+"""Child-process entry point for `training.run_training_subprocess`.
+
+    python -m mondrian_assets.core.train_worker request.json
+
+Protocol lines (`PROTOCOL_PREFIX` + JSON) go to the original stdout: `{"type": "report", "report": {...}}` per
+report, then `{"type": "result", "result": {...}}` or `{"type": "error", "kind": ..., "message": ...}`. Anything else
+that writes to stdout (libraries, C code) is redirected to stderr, so it cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from mondrian_assets.core.training import (
+    PROTOCOL_PREFIX,
+    TrainConfig,
+    TrainingConfigError,
+    train_lora,
+)
+
+
+def main(argv: list[str]) -> int:
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def send(message: dict) -> None:
+        protocol.write(PROTOCOL_PREFIX + json.dumps(message) + "\n")
+        protocol.flush()
+
+    request = json.loads(Path(argv[1]).read_text())
+    try:
+        result = train_lora(
+            TrainConfig.from_dict(request["config"]),
+            Path(request["train_jsonl"]),
+            Path(request["val_jsonl"]) if request.get("val_jsonl") else None,
+            Path(request["out_dir"]),
+            data_version=request["data_version"],
+            on_report=lambda report: send({"type": "report", "report": report}),
+        )
+    except TrainingConfigError as exc:
+        send({"type": "error", "kind": "config", "message": str(exc)})
+        return 2
+    except Exception as exc:
+        traceback.print_exc()
+        send({"type": "error", "kind": "exception", "message": f"{type(exc).__name__}: {exc}"})
+        return 1
+    send({"type": "result", "result": result.to_dict()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
