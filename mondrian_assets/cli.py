@@ -67,7 +67,7 @@ def _run_job(name: str, instance, partition_key: str | None = None) -> str:
     label = f"{name}[{partition_key}]" if partition_key else name
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     errors = [str(e.event_specific_data.error.message) for e in failures if e.event_specific_data.error]  # type: ignore[union-attr]
-    if errors and all("blocking asset checks failed" in msg for msg in errors):
+    if errors and all("blocking asset check" in msg for msg in errors):
         print(f"{label}: gate failed, downstream blocked: {errors[0].strip()}", file=sys.stderr)
         return "gated"
     print(f"{label} FAILED (run {result.run_id}): {errors[-1].strip() if errors else 'see the run log'}", file=sys.stderr)
