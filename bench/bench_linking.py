@@ -36,7 +36,9 @@ def ours(loc: Locations, use_cache: bool) -> tuple[float, linker.LinkResult]:
 def naive(loc: Locations) -> tuple[float, set[str]]:
     """One job at a time: query it, find and parse its analysis, then read, fully decode and hash its image."""
     started = time.perf_counter()
-    ids = [r[0] for r in sqlite3.connect(f"file:{loc.db_path}?mode=ro", uri=True).execute("SELECT id FROM jobs")]
+    # the same order ours dedupes in (earliest job first), so both keep the same job of a duplicated image
+    query = "SELECT id FROM jobs ORDER BY coalesce(created_at, ''), id"
+    ids = [r[0] for r in sqlite3.connect(f"file:{loc.db_path}?mode=ro", uri=True).execute(query)]
     linked: set[str] = set()
     seen: set[tuple[str, bytes]] = set()
     for job_id in ids:

@@ -9,6 +9,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ from mondrian_assets.core.training import (
     TrainingConfigError,
     TrainingFailed,
     encode_example,
+    learning_rate_schedule,
     load_processor,
     run_training_subprocess,
     train_lora,
@@ -250,3 +252,11 @@ def test_a_failing_child_raises_and_leaves_the_caller_alive(data, config, tmp_pa
             replace(config, base_model=str(broken)), data["train"], data["valid"], tmp_path / "b", data_version="v1"
         )
     assert failure.value.returncode == 1 and "Traceback" in failure.value.stderr_tail
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_every_schedule_yields_arrays_the_optimizer_accepts(schedule):
+    config = TrainConfig(base_model="unused", learning_rate=1e-3, warmup_steps=4, lr_schedule=schedule)
+    rates = [float(learning_rate_schedule(config, 20)(mx.array(step)).item()) for step in (0, 3, 10, 19)]
+    assert rates[0] == pytest.approx(1e-3 / 4) and rates[1] == pytest.approx(1e-3)
+    assert (rates[3] < rates[2] < rates[1]) if schedule == "cosine" else rates[2] == rates[3] == pytest.approx(1e-3)

@@ -570,13 +570,14 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int) 
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> Callable[[Any], Any]:
+    import mlx.core as mx
     import mlx.optimizers as optim
 
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     if config.lr_schedule == "cosine":
         main = optim.cosine_decay(config.learning_rate, max(total_steps - warmup, 1), config.min_learning_rate)
     else:
-        main = lambda step: config.learning_rate  # noqa: E731
+        main = lambda step: mx.array(config.learning_rate)  # noqa: E731  (optimizers want an array)
     if warmup <= 1:
         return main
     # step k < warmup runs at (k + 1) / warmup of the peak rate
