@@ -20,6 +20,7 @@ from mondrian_assets.core.link_cache import LinkCache, file_key
 from mondrian_assets.core.locations import Locations, PathRejected
 from mondrian_assets.core.schema import ParseResult, canonical_json, parse_analysis
 
+_ANALYSIS_KIND = "analysis.v2"  # bump when _Analysis changes shape: old cache entries are then never hit
 MIN_IMAGE_SIDE = 16  # the app's 1x1 test image and similar slivers carry nothing to learn from
 
 RECORD_COLUMNS = [
@@ -51,11 +52,27 @@ class LinkResult:
 
 
 @dataclass(frozen=True)
+class _Analysis:
+    """What linking keeps of a parsed analysis, and what the cache stores: canonical JSON or an error code."""
+
+    json: str | None
+    overall_score: float = 0.0
+    error: str | None = None
+    detail: str = ""
+
+    @classmethod
+    def of(cls, result: ParseResult) -> _Analysis:
+        if result.analysis is None:
+            return cls(None, error=result.error, detail=result.detail)
+        return cls(canonical_json(result.analysis), result.analysis.overall_score)
+
+
+@dataclass(frozen=True)
 class _Candidate:
     job: JobRow
     advisor: str
     image_path: Path
-    analysis: ParseResult
+    analysis: _Analysis
     analysis_source: str
     analysis_path: Path | None
 
@@ -100,40 +117,39 @@ def _analysis_sources(job: JobRow, advisor: str, loc: Locations) -> Iterable[tup
         yield "fallback_file", None, str(fallback)
 
 
-def _parse_cached(cache: LinkCache, key: str | None, read: Callable[[], str]) -> ParseResult:
+def _parse_cached(cache: LinkCache, key: str | None, read: Callable[[], str]) -> _Analysis:
+    """Parse only what the cache has not seen: a hit costs a dict lookup, not a parse."""
     cached = cache.get(key)
     if cached is not None:
-        if cached.get("json") is not None:
-            return parse_analysis(cached["json"])
-        return ParseResult(None, cached["error"], cached.get("detail", ""))
-    result = parse_analysis(read())
-    cache.put(key, {"json": canonical_json(result.analysis)} if result.analysis else {"error": result.error, "detail": result.detail})
-    return result
+        return _Analysis(**cached)
+    analysis = _Analysis.of(parse_analysis(read()))
+    cache.put(key, asdict(analysis))
+    return analysis
 
 
 def _text_key(text: str) -> str:
-    return "text:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{_ANALYSIS_KIND}:text:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _find_analysis(job: JobRow, advisor: str, loc: Locations, cache: LinkCache) -> tuple[ParseResult, str, Path | None] | Skip:
+def _find_analysis(job: JobRow, advisor: str, loc: Locations, cache: LinkCache) -> tuple[_Analysis, str, Path | None] | Skip:
     """The first stored analysis that parses; otherwise the problem with the first one found."""
-    first_failure: tuple[ParseResult, str] | None = None
+    first_failure: tuple[_Analysis, str] | None = None
     for source, text, reference in _analysis_sources(job, advisor, loc):
         path: Path | None = None
         if reference is not None:
             try:
                 path = loc.analysis_file(reference)
             except PathRejected as exc:
-                first_failure = first_failure or (ParseResult(None, "path_outside_roots", str(exc)), source)
+                first_failure = first_failure or (_Analysis(None, error="path_outside_roots", detail=str(exc)), source)
                 continue
             if not path.is_file():
                 if source != "fallback_file":
-                    first_failure = first_failure or (ParseResult(None, "file_not_found", str(path)), source)
+                    first_failure = first_failure or (_Analysis(None, error="file_not_found", detail=str(path)), source)
                 continue
-            result = _parse_cached(cache, file_key("analysis", path), lambda p=path: p.read_text("utf-8", "replace"))
+            result = _parse_cached(cache, file_key(_ANALYSIS_KIND, path), lambda p=path: p.read_text("utf-8", "replace"))
         else:
             result = _parse_cached(cache, _text_key(text or ""), lambda t=text: t or "")
-        if result.ok:
+        if result.json is not None:
             return result, source, path
         first_failure = first_failure or (result, source)
     if first_failure is None:
@@ -206,8 +222,7 @@ def link_jobs(jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: 
             skips.append(Skip(c.job.id, c.advisor, "duplicate_image", f"same image content as job {duplicate_of}"))
             continue
         kept[(c.advisor, fact.sha256 or "")] = c.job.id
-        assert c.analysis.analysis is not None
-        response = canonical_json(c.analysis.analysis)
+        response = c.analysis.json
         rows.append(
             {
                 "job_id": c.job.id,
@@ -219,8 +234,8 @@ def link_jobs(jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: 
                 "analysis_source": c.analysis_source,
                 "analysis_path": str(c.analysis_path) if c.analysis_path else None,
                 "analysis_json": response,
-                "overall_score": c.analysis.analysis.overall_score,
-                "json_size": len(response),
+                "overall_score": c.analysis.overall_score,
+                "json_size": len(response or ""),
                 "created_at": c.job.created_at,
                 "completed_at": c.job.completed_at,
             }
