@@ -153,6 +153,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if errors else 0  # a gate verdict is a result, not an error
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Any adapter against any validation file: what the nightly re-check of an active version runs."""
+    from mondrian_assets.core.evaluation import EvalSettings, evaluate_adapter
+    from mondrian_assets.core.splits import split_files
+
+    loc = _locations(args)
+    files = split_files(loc.training_data, args.advisor)
+    adapter = Path(args.adapter or loc.models / "adapters" / args.advisor)
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        print(f"no adapter at {adapter} (train it first, or pass --adapter)", file=sys.stderr)
+        return 2
+    base = args.base_model or json.loads(config_path.read_text())["base_model"]
+    out_dir = Path(args.out or loc.evaluation / args.advisor / f"recheck-{adapter.name}")
+    outcome = evaluate_adapter(
+        base, adapter, Path(args.val_json or files.val_json), Path(args.train_json or files.train_json), out_dir,
+        EvalSettings(max_examples=args.max_examples),
+    )  # fmt: skip
+    print(outcome.verdict)
+    print(f"report: {outcome.paths.report_json}\nreview page: {outcome.paths.review_html}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     loc = _use_demo_if_unset(args)
     _instance(loc)
@@ -186,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
     p.add_argument("--skip-training", action="store_true", help="stop after the splits")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", parents=[common], help="evaluate any adapter against any validation data")
+    p.add_argument("--advisor", required=True)
+    p.add_argument("--adapter", help="adapter dir (default: models/adapters/<advisor>)")
+    p.add_argument("--val-json", help="validation file (default: the advisor's current _val.json)")
+    p.add_argument("--train-json", help="training file for the mean baseline (default: the current _train.json)")
+    p.add_argument("--base-model", help="default: the base recorded in the adapter's adapter_config.json")
+    p.add_argument("--max-examples", type=int, help="evaluate at most this many examples")
+    p.add_argument("--out", help="report folder (default: evaluation/<advisor>/recheck-<adapter dir name>)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("ui", parents=[common], help="open the Dagster web UI on this project's instance")
     p.add_argument("--port", type=int, default=3000)

@@ -21,7 +21,7 @@ def cli(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for command in ("demo-data", "link", "demo", "ui"):
+    for command in ("demo-data", "link", "demo", "evaluate", "ui"):
         assert command in text
     assert "MONDRIAN_APP_DIR" in text
 
@@ -48,3 +48,13 @@ def test_demo_main_job_end_to_end(tmp_path):
     report = json.loads((tmp_path / "evaluation" / "ansel" / "comparison_report.json").read_text())
     assert report["metrics"]["fine_tuned_model"]["format_compliance"] >= 0.95
     assert report["metrics"]["base_model"]["format_compliance"] < report["metrics"]["fine_tuned_model"]["format_compliance"]
+
+    # the same adapter re-checked on its own, as the nightly schedule will
+    recheck = cli(tmp_path, "evaluate", "--advisor", "weston", "--max-examples", "1")
+    assert recheck.returncode == 0, recheck.stderr[-2000:]
+    assert (tmp_path / "evaluation" / "weston" / "recheck-weston" / "comparison_report.json").is_file()
+
+
+def test_evaluate_without_an_adapter_says_so(tmp_path):
+    result = cli(tmp_path, "evaluate", "--advisor", "ansel")
+    assert result.returncode == 2 and "no adapter" in result.stderr
