@@ -134,8 +134,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if _run_job("split_job", instance, advisor) != "ok":
             errors += 1
             outcome[advisor] = "split failed (see above)"
-        elif not _split_counts(loc, advisor)["counts"].get("val"):
-            outcome[advisor] = f"not trained: {_split_counts(loc, advisor)['note']}"
+        elif not (meta := _split_counts(loc, advisor))["counts"].get("val"):
+            outcome[advisor] = f"not trained: {meta['note']}"
         elif args.skip_training:
             outcome[advisor] = "not trained (--skip-training)"
         else:

@@ -6,6 +6,7 @@ validation texts, yet knows the app's vocabulary (prompts and canonical analyses
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import tempfile
@@ -24,7 +25,8 @@ def embedded_base_dir(models_dir: Path) -> Path:
     return models_dir / "base" / EMBEDDED_NAME
 
 
-def demo_corpus(seed: int = CORPUS_SEED, n_jobs: int = CORPUS_JOBS) -> list[str]:
+@functools.cache  # deterministic, and asked for by every split and training step of a process
+def demo_corpus(seed: int = CORPUS_SEED, n_jobs: int = CORPUS_JOBS) -> tuple[str, ...]:
     """Every advisor's full prompt and the canonical analyses of a throwaway demo app."""
     with tempfile.TemporaryDirectory(prefix="mondrian-corpus-") as tmp:
         summary = generate_demo_app(Path(tmp) / "app", seed=seed, n_jobs=n_jobs, large_images=False)
@@ -33,7 +35,7 @@ def demo_corpus(seed: int = CORPUS_SEED, n_jobs: int = CORPUS_JOBS) -> list[str]
             prompts = [build_prompt(system, p) for (p,) in db.execute("SELECT prompt FROM advisors ORDER BY id")]
         truth = (summary.app_dir / "demo_truth.jsonl").read_text().splitlines()
         analyses = [t["intended"] for t in map(json.loads, truth) if t.get("intended")]
-    return prompts + analyses
+    return (*prompts, *analyses)
 
 
 def ensure_embedded_base_model(models_dir: Path) -> Path:

@@ -141,8 +141,9 @@ def advisor_splits(
 
     meta = json.loads(files.meta_json.read_text())
     for side, examples in (("train", split.train), ("val", split.val)):
+        value = _split_value(files, split, side)
         yield dg.Output(
-            _split_value(files, split, side),
+            value,
             output_name=f"{side}_split",
             data_version=dg.DataVersion(split.data_version),
             metadata={
@@ -151,7 +152,7 @@ def advisor_splits(
                 "score_mean": meta["score_distribution"][side].get("mean", 0.0),
                 "response_tokens_max": meta["tokens"]["response"].get("max", -1),
                 "note": split.note or "ok",
-                "jsonl": dg.MetadataValue.path(_split_value(files, split, side)["jsonl"]),
+                "jsonl": dg.MetadataValue.path(value["jsonl"]),
                 "sample": _sample_row(examples),
             },
         )
