@@ -4,7 +4,7 @@ Prints, for each mode, wall time, seconds per example and generated tokens/s, th
 one-by-one / batched (above 1: batching is faster) and whether both modes produced identical outputs
 (they must, for greedy decoding, or batching is not a valid optimisation for this model).
 
-Without --model it builds the tiny random Qwen3-VL (mondrian_assets.core.tiny_model) in a temporary folder;
+Without --model it builds the tiny random Qwen3-VL (mondrian_assets.demo.tiny_model) in a temporary folder;
 without --val-json it makes synthetic images (mixed sizes unless --same-size) and references.
 """
 
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mondrian_assets.core import inference, schema
-from mondrian_assets.core.metrics import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule
+from mondrian_assets.core import schema
+from mondrian_assets.core.inference import generate, loading
+from mondrian_assets.core.inference.records import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule
 
 NO_LOOP_GUARD = LoopRule(max_period=1, min_repeats=1, min_span=10**9)
 
@@ -54,15 +55,15 @@ def synthetic_examples(folder: Path, n: int, same_size: bool) -> list[EvalExampl
 
 
 def tiny_model(folder: Path) -> str:
-    from mondrian_assets.core.tiny_model import build_tiny_base_model
+    from mondrian_assets.demo.tiny_model import build_tiny_base_model
 
     corpus = [schema.build_prompt(None, "You are Ansel Adams."), *(synthetic_reference(s) for s in range(1, 11))]
     return str(build_tiny_base_model(folder / "tiny_base", corpus, seed=0))
 
 
-def timed(loaded: inference.LoadedModel, examples: list[EvalExample], batch_size: int, args, rule: LoopRule):
+def timed(loaded: loading.LoadedModel, examples: list[EvalExample], batch_size: int, args, rule: LoopRule):
     started = time.perf_counter()
-    out = inference.generate_analyses(
+    out = generate.generate_analyses(
         loaded, examples, max_tokens=args.max_tokens, seed=args.seed, batch_size=batch_size, loop_rule=rule
     )
     return time.perf_counter() - started, out
@@ -91,10 +92,10 @@ def main() -> None:
         folder = Path(tmp)
         model = args.model or tiny_model(folder)
         if args.val_json:
-            examples = inference.load_eval_examples(args.val_json, limit=args.examples)
+            examples = generate.load_eval_examples(args.val_json, limit=args.examples)
         else:
             examples = synthetic_examples(folder, args.examples, args.same_size)
-        loaded = inference.load_for_inference(model, args.adapter)
+        loaded = loading.load_for_inference(model, args.adapter)
         rule = NO_LOOP_GUARD if args.no_loop_guard else TOKEN_LOOP_RULE
         timed(loaded, examples[:1], 1, args, rule)  # warm-up: first-call compilation and caches
         single_s, single = timed(loaded, examples, 1, args, rule)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mondrian_assets.core import app_db, linker
-from mondrian_assets.core.demo_data import append_demo_jobs, generate_demo_app
-from mondrian_assets.core.link_cache import LinkCache, state_engine
+from mondrian_assets.core.data import app_db, linker
+from mondrian_assets.core.data.link_cache import LinkCache
 from mondrian_assets.core.locations import Locations, PathRejected
+from mondrian_assets.core.state_db import state_engine
+from mondrian_assets.demo.app import append_demo_jobs, generate_demo_app
 
 
 def ours(loc: Locations, use_cache: bool) -> tuple[float, linker.LinkResult]:

@@ -19,9 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mondrian_assets.core import training
-from mondrian_assets.core.base_model import ensure_embedded_base_model
 from mondrian_assets.core.locations import Locations
+from mondrian_assets.core.training import config as training_config
+from mondrian_assets.core.training import examples as training_examples
+from mondrian_assets.core.training.isolation import run_training_subprocess
+from mondrian_assets.demo.base_model import ensure_embedded_base_model
 
 
 def prepare_data(root: Path) -> tuple[Path, Path]:
@@ -33,20 +35,20 @@ def prepare_data(root: Path) -> tuple[Path, Path]:
     return loc.training_data / "ansel", ensure_embedded_base_model(loc.models)
 
 
-def epoch_tokens(config: training.TrainConfig, train_jsonl: Path) -> int:
-    model_path = training.resolve_base_model(config.base_model)
-    processor = training.load_processor(model_path)
-    examples = training.prepare_examples(processor, training._read_model_config(model_path), train_jsonl, config)
+def epoch_tokens(config: training_config.TrainConfig, train_jsonl: Path) -> int:
+    model_path = training_config.resolve_base_model(config.base_model)
+    processor = training_config.load_processor(model_path)
+    examples = training_examples.prepare_examples(processor, training_config.read_model_config(model_path), train_jsonl, config)
     return sum(len(e.input_ids) for e in examples)
 
 
-def run_ours(config: training.TrainConfig, data: Path, out: Path) -> float:
+def run_ours(config: training_config.TrainConfig, data: Path, out: Path) -> float:
     started = time.perf_counter()
-    training.run_training_subprocess(config, data / "train.jsonl", None, out, data_version="bench")
+    run_training_subprocess(config, data / "train.jsonl", None, out, data_version="bench")
     return time.perf_counter() - started
 
 
-def run_mlx_vlm(config: training.TrainConfig, data: Path, out: Path, steps: int) -> float:
+def run_mlx_vlm(config: training_config.TrainConfig, data: Path, out: Path, steps: int) -> float:
     """mlx_vlm.train insists on at least one validation batch: it gets one, after the last step."""
     cmd = [
         sys.executable, "-m", "mlx_vlm.train", "--model", config.base_model, "--data", str(data),
@@ -75,7 +77,7 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-training-"))
     data, base = prepare_data(root)
     steps = len((data / "train.jsonl").read_text().splitlines())
-    config = training.TrainConfig(
+    config = training_config.TrainConfig(
         base_model=str(base), iters=steps, warmup_steps=0, lr_schedule="constant", report_interval=10,
         eval_interval=steps * 10, save_interval=steps * 10, early_stopping_patience=None, max_grad_norm=None,
     )  # fmt: skip

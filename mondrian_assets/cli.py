@@ -31,7 +31,7 @@ def _use_demo_if_unset(args: argparse.Namespace) -> Locations:
 
 
 def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int = 120) -> None:
-    from mondrian_assets.core.demo_data import generate_demo_app
+    from mondrian_assets.demo.app import generate_demo_app
 
     summary = generate_demo_app(app_dir, seed=seed, n_jobs=n_jobs)
     per_advisor = ", ".join(f"{a} {n}" for a, n in sorted(summary.completed_by_advisor.items()))
@@ -80,7 +80,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from mondrian_assets.core.linker import summary_text
+    from mondrian_assets.core.data.linker import summary_text
 
     loc = _use_demo_if_unset(args)
     status = _run_job("link_job", _instance(loc))
@@ -90,7 +90,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def _split_counts(loc: Locations, advisor: str) -> dict:
-    from mondrian_assets.core.splits import split_files
+    from mondrian_assets.core.data.splits import split_files
 
     meta_path = split_files(loc.training_data, advisor).meta_json
     return json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-", "note": ""}
@@ -119,7 +119,7 @@ def _trained_summary(loc: Locations, advisor: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: demo data, link, split every advisor, train every advisor that has a val set."""
-    from mondrian_assets.core.linker import summary_text
+    from mondrian_assets.core.data.linker import summary_text
     from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 
     loc = _use_demo_if_unset(args)
@@ -155,8 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Any adapter against any validation file: what the nightly re-check of an active version runs."""
-    from mondrian_assets.core.evaluation import EvalSettings, evaluate_adapter
-    from mondrian_assets.core.splits import split_files
+    from mondrian_assets.core.data.splits import split_files
+    from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 
     loc = _locations(args)
     files = split_files(loc.training_data, args.advisor)

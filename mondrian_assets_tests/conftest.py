@@ -7,10 +7,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mondrian_assets.core.base_model import ensure_embedded_base_model
-from mondrian_assets.core.demo_data import DemoSummary, generate_demo_app
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
+from mondrian_assets.demo.app import DemoSummary, generate_demo_app
+from mondrian_assets.demo.base_model import ensure_embedded_base_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mondrian_assets.core import demo_data as dd
-from mondrian_assets.core import demo_images as di
 from mondrian_assets.core.schema import SCORE_MAX, SCORE_MIN, canonical_json, example_scores_in_prompt, parse_analysis
+from mondrian_assets.demo import app as dd
+from mondrian_assets.demo import images as di
 
 FINISHED = ("completed", "done")
 

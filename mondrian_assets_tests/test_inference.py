@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mondrian_assets.core import inference as inf
 from mondrian_assets.core import schema
-from mondrian_assets.core.metrics import EvalExample, LoopRule
-from mondrian_assets.core.tiny_model import build_tiny_base_model
+from mondrian_assets.core.inference import generate as inf
+from mondrian_assets.core.inference import loading
+from mondrian_assets.core.inference.records import EvalExample, LoopRule
+from mondrian_assets.demo.tiny_model import build_tiny_base_model
 
 MAX_TOKENS = 48
 
@@ -76,13 +77,13 @@ def adapter_dir(workdir, base_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(base_path) -> inf.LoadedModel:
-    return inf.load_for_inference(base_path, None)
+def base(base_path) -> loading.LoadedModel:
+    return loading.load_for_inference(base_path, None)
 
 
 @pytest.fixture(scope="module")
-def tuned(base_path, adapter_dir) -> inf.LoadedModel:
-    return inf.load_for_inference(base_path, adapter_dir)
+def tuned(base_path, adapter_dir) -> loading.LoadedModel:
+    return loading.load_for_inference(base_path, adapter_dir)
 
 
 def test_generate_analyses_on_two_images(base, examples):
@@ -117,7 +118,7 @@ def test_max_tokens_covers_the_longest_reference(base, examples):
 
 def test_fused_adapter_equals_unfused_and_differs_from_base(base, tuned, base_path, adapter_dir):
     assert tuned.fused_layers > 0
-    unfused = inf.load_for_inference(base_path, adapter_dir, fuse=False)
+    unfused = loading.load_for_inference(base_path, adapter_dir, fuse=False)
     tokens = mx.array([[5, 17, 42, 99, 3, 7]])
     fused_logits = tuned.model.language_model(tokens).logits
     assert mx.allclose(fused_logits, unfused.model.language_model(tokens).logits, atol=1e-4).item()
@@ -131,8 +132,8 @@ def test_adapter_that_does_not_match_the_model_is_refused(base_path, adapter_dir
     (broken / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
     renamed = {k.replace("layers", "blocks"): v for k, v in weights.items()}  # keys no model parameter has
     mx.save_safetensors(str(broken / "adapters.safetensors"), renamed)
-    with pytest.raises(inf.AdapterNotApplied):
-        inf.load_for_inference(base_path, broken)
+    with pytest.raises(loading.AdapterNotApplied):
+        loading.load_for_inference(base_path, broken)
 
 
 def test_batched_generation_matches_one_by_one(tuned, examples):
@@ -146,7 +147,7 @@ def test_batched_generation_matches_one_by_one(tuned, examples):
 
 
 def test_end_of_sequence_stops_both_paths(base_path, examples):
-    silent = inf.load_for_inference(base_path, None)
+    silent = loading.load_for_inference(base_path, None)
     norm = silent.model.language_model.model.norm
     norm.weight = mx.zeros_like(norm.weight)  # all logits 0: argmax is token 0, <|endoftext|>, an EOS id
     for batch_size in (1, 2):

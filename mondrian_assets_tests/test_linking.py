@@ -8,12 +8,13 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from mondrian_assets.core import app_db, linker
-from mondrian_assets.core.demo_data import append_demo_jobs, generate_demo_app
-from mondrian_assets.core.link_cache import LinkCache, state_engine
+from mondrian_assets.core.data import app_db, linker
+from mondrian_assets.core.data.link_cache import LinkCache
 from mondrian_assets.core.locations import Locations, PathRejected
+from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
+from mondrian_assets.demo.app import append_demo_jobs, generate_demo_app
 
 # What linking must do with each fault the demo generator plants (None: the job is linked).
 EXPECTED = {

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mondrian_assets.core import metrics as m
 from mondrian_assets.core import schema
-from mondrian_assets.core.metrics import EvalExample, Generation
+from mondrian_assets.core.evaluation import gates as gt
+from mondrian_assets.core.evaluation import metrics as m
+from mondrian_assets.core.inference import records
+from mondrian_assets.core.inference.records import EvalExample, Generation
 
 DIMS = ("Composition", "Lighting", "Focus & Sharpness")
 PROMPT = schema.build_prompt(None, 'Answer like {"overall_score": 7.4}.')
@@ -112,24 +114,24 @@ def test_copy_rate_counts_the_prompts_example_score():
 
 
 def test_repetition_detection():
-    assert m.find_loop(LOOPING) is not None
-    period, span = m.find_loop(LOOPING)
+    assert records.find_loop(LOOPING) is not None
+    period, span = records.find_loop(LOOPING)
     assert period == len("the light ") and span >= 4 * period
-    assert m.find_loop(VALID_8) is None
-    assert m.find_loop(FENCED_6) is None
-    assert m.find_loop("aaaa") is None  # too short to call a loop
+    assert records.find_loop(VALID_8) is None
+    assert records.find_loop(FENCED_6) is None
+    assert records.find_loop("aaaa") is None  # too short to call a loop
     result = m.model_metrics(examples(7, 7, 7), [gen(LOOPING), gen(VALID_8), gen("cut", reason="repetition")])
     assert result.repetition_rate == pytest.approx(2 / 3)
 
 
 def test_token_tail_loop_guard_rule():
-    rule = m.LoopRule(max_period=8, min_repeats=4, min_span=8)
-    assert m.ends_in_loop([1, 2, 3] + [5, 6] * 4, rule)
-    assert not m.ends_in_loop([1, 2, 3] + [5, 6] * 3, rule)  # 6 items < min_span
-    assert not m.ends_in_loop([5, 6] * 4 + [7], rule)  # the loop is not at the tail
-    assert m.ends_in_loop([9] * 8, rule)
-    assert not m.ends_in_loop(list(range(100)), rule)
-    assert not m.ends_in_loop([], rule)
+    rule = records.LoopRule(max_period=8, min_repeats=4, min_span=8)
+    assert records.ends_in_loop([1, 2, 3] + [5, 6] * 4, rule)
+    assert not records.ends_in_loop([1, 2, 3] + [5, 6] * 3, rule)  # 6 items < min_span
+    assert not records.ends_in_loop([5, 6] * 4 + [7], rule)  # the loop is not at the tail
+    assert records.ends_in_loop([9] * 8, rule)
+    assert not records.ends_in_loop(list(range(100)), rule)
+    assert not records.ends_in_loop([], rule)
 
 
 def test_latency_throughput_and_length():
@@ -190,56 +192,56 @@ def test_improvements_are_fine_tuned_minus_base():
 
 def test_all_gates_pass_when_fine_tuned_is_good():
     c = comparison([analysis_json(5), TRUNCATED], [analysis_json(8), analysis_json(6)])
-    results = m.evaluate_gates(c)
+    results = gt.evaluate_gates(c)
     assert [g.name for g in results] == ["format_compliance", "score_mae_vs_base", "inference_overhead"]
     assert all(g.passed for g in results), [g.message for g in results]
-    text = m.verdict(c, results)
+    text = gt.verdict(c, results)
     assert text.endswith("Deploy: yes.")
     assert "Fine-tuned minus base: format compliance +0.50, overall-score MAE -3.00" in text
 
 
 def test_format_gate_fails_below_threshold():
     c = comparison([VALID_8, VALID_8], [analysis_json(8), TRUNCATED])
-    g = gate(m.evaluate_gates(c), "format_compliance")
+    g = gate(gt.evaluate_gates(c), "format_compliance")
     assert not g.passed and g.value == 0.5 and g.threshold == 0.95
     assert "1/2" in g.message
 
 
 def test_score_gate_fails_when_fine_tuned_is_worse_than_base():
     c = comparison([analysis_json(8), analysis_json(6)], [analysis_json(3), analysis_json(3)])
-    g = gate(m.evaluate_gates(c), "score_mae_vs_base")
+    g = gate(gt.evaluate_gates(c), "score_mae_vs_base")
     assert not g.passed and g.value == pytest.approx(4.0) and g.threshold == pytest.approx(0.0)
 
 
 def test_score_gate_with_undefined_base_falls_back_to_mean_baseline():
     # base never valid; mean baseline (always 7) has MAE 1.0 on refs (8, 6)
     beats = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(8), analysis_json(6.5)])
-    g = gate(m.evaluate_gates(beats), "score_mae_vs_base")
+    g = gate(gt.evaluate_gates(beats), "score_mae_vs_base")
     assert g.passed and g.threshold == pytest.approx(1.0) and "mean-score baseline" in g.message
 
     # always answering 7 ties the baseline (MAE 1.0): a tie is no evidence of looking at the image
     blind = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), analysis_json(7)])
-    g = gate(m.evaluate_gates(blind), "score_mae_vs_base")
+    g = gate(gt.evaluate_gates(blind), "score_mae_vs_base")
     assert not g.passed and g.value == pytest.approx(1.0) and "does not beat" in g.message
 
 
 def test_score_gate_tie_with_base_passes():
     c = comparison([analysis_json(7), analysis_json(7)], [analysis_json(7), analysis_json(7)])
-    assert gate(m.evaluate_gates(c), "score_mae_vs_base").passed
-    strict = m.GateThresholds(mae_tolerance=-0.01)
-    assert not gate(m.evaluate_gates(c, strict), "score_mae_vs_base").passed
+    assert gate(gt.evaluate_gates(c), "score_mae_vs_base").passed
+    strict = gt.GateThresholds(mae_tolerance=-0.01)
+    assert not gate(gt.evaluate_gates(c, strict), "score_mae_vs_base").passed
 
 
 def test_score_gate_without_fallback_passes_when_nothing_to_regress_from():
     c = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(3), analysis_json(3)])
-    assert not gate(m.evaluate_gates(c), "score_mae_vs_base").passed
-    g = gate(m.evaluate_gates(c, m.GateThresholds(fallback_to_mean_baseline=False)), "score_mae_vs_base")
+    assert not gate(gt.evaluate_gates(c), "score_mae_vs_base").passed
+    g = gate(gt.evaluate_gates(c, gt.GateThresholds(fallback_to_mean_baseline=False)), "score_mae_vs_base")
     assert g.passed and g.threshold is None
 
 
 def test_score_gate_fails_without_any_fine_tuned_score():
     c = comparison([VALID_8, VALID_8], [TRUNCATED, TRUNCATED])
-    g = gate(m.evaluate_gates(c), "score_mae_vs_base")
+    g = gate(gt.evaluate_gates(c), "score_mae_vs_base")
     assert not g.passed and g.value is None
 
 
@@ -247,42 +249,42 @@ def test_overhead_gate_per_token_by_default():
     ex = examples(8, 6)
     base = [gen(VALID_8, latency=1.0, tps=20.0)] * 2
     slower_decode = [gen(VALID_8, latency=1.0, tps=16.0)] * 2  # 25% more time per token
-    g = gate(m.evaluate_gates(m.compare(ex, base, slower_decode, TRAIN)), "inference_overhead")
+    g = gate(gt.evaluate_gates(m.compare(ex, base, slower_decode, TRAIN)), "inference_overhead")
     assert not g.passed and g.value == pytest.approx(0.25) and g.threshold == 0.10
     close = [gen(VALID_8, latency=1.0, tps=19.0)] * 2
-    assert gate(m.evaluate_gates(m.compare(ex, base, close, TRAIN)), "inference_overhead").passed
+    assert gate(gt.evaluate_gates(m.compare(ex, base, close, TRAIN)), "inference_overhead").passed
 
 
 def test_overhead_gate_on_latency():
-    by_latency = m.GateThresholds(overhead_basis="latency")
+    by_latency = gt.GateThresholds(overhead_basis="latency")
     longer_answers = comparison([VALID_8, VALID_8], [VALID_8, VALID_8], base_latency=1.0, ft_latency=1.2)
-    assert gate(m.evaluate_gates(longer_answers), "inference_overhead").passed  # same cost per token
-    g = gate(m.evaluate_gates(longer_answers, by_latency), "inference_overhead")
+    assert gate(gt.evaluate_gates(longer_answers), "inference_overhead").passed  # same cost per token
+    g = gate(gt.evaluate_gates(longer_answers, by_latency), "inference_overhead")
     assert not g.passed and g.value == pytest.approx(0.2)
     fast = comparison([VALID_8, VALID_8], [VALID_8, VALID_8], base_latency=1.0, ft_latency=1.09)
-    assert gate(m.evaluate_gates(fast, by_latency), "inference_overhead").passed
+    assert gate(gt.evaluate_gates(fast, by_latency), "inference_overhead").passed
     with pytest.raises(ValueError):
-        m.evaluate_gates(fast, m.GateThresholds(overhead_basis="vibes"))
+        gt.evaluate_gates(fast, gt.GateThresholds(overhead_basis="vibes"))
 
 
 def test_overhead_gate_fails_when_undefined():
     silent = [Generation("", 0.0, 0, 0.0, 0, 0.0)] * 2
-    g = gate(m.evaluate_gates(m.compare(examples(8, 6), silent, silent, TRAIN)), "inference_overhead")
+    g = gate(gt.evaluate_gates(m.compare(examples(8, 6), silent, silent, TRAIN)), "inference_overhead")
     assert not g.passed and g.value is None
 
 
 def test_verdict_says_plainly_when_the_image_is_ignored():
     # fine-tuned always answers 7 = the training mean: valid format, scores no better than the baseline
     c = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), analysis_json(7)])
-    text = m.verdict(c, m.evaluate_gates(c))
+    text = gt.verdict(c, gt.evaluate_gates(c))
     assert "learned the format but not to look at the image" in text
     assert "Format: fine-tuned 2/2 valid" in text
 
     good = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(8), analysis_json(6)])
-    assert "look at the image" not in m.verdict(good, m.evaluate_gates(good))
+    assert "look at the image" not in gt.verdict(good, gt.evaluate_gates(good))
 
     half = comparison([TRUNCATED, WRONG_SCHEMA], [analysis_json(7), TRUNCATED])  # 1/2 valid, and blind
-    text = m.verdict(half, m.evaluate_gates(half))
+    text = gt.verdict(half, gt.evaluate_gates(half))
     assert "learned neither the format nor to look at the image" in text and text.endswith("Deploy: no.")
 
 

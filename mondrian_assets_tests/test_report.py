@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mondrian_assets.core import metrics as m
-from mondrian_assets.core import report, schema
-from mondrian_assets.core.metrics import EvalExample, Generation
+from mondrian_assets.core import schema
+from mondrian_assets.core.evaluation import charts, report
+from mondrian_assets.core.evaluation import gates as gt
+from mondrian_assets.core.evaluation import metrics as m
+from mondrian_assets.core.inference.records import EvalExample, Generation
 
 SCRIPT = '<script>alert("x")</script>'
 
@@ -55,7 +57,7 @@ def evaluation(tmp_path):
     tuned = [gen(json.dumps(analysis(8))), gen(json.dumps(with_script)), gen('{"image_desc')]
     train = [schema.parse_analysis(json.dumps(analysis(s))).analysis for s in (6, 8)]
     comparison = m.compare(examples, base, tuned, train)
-    gates = m.evaluate_gates(comparison)
+    gates = gt.evaluate_gates(comparison)
     return examples, base, tuned, comparison, gates, tmp_path / "evaluation" / "ansel"
 
 
@@ -65,7 +67,7 @@ def write(evaluation, chart: bool = False) -> report.ReportPaths:
         out_dir,
         comparison=comparison,
         gates=gates,
-        verdict=m.verdict(comparison, gates),
+        verdict=gt.verdict(comparison, gates),
         examples=examples,
         base_generations=base,
         fine_tuned_generations=tuned,
@@ -73,7 +75,7 @@ def write(evaluation, chart: bool = False) -> report.ReportPaths:
         lora_path=Path("models/versions/ansel-v1"),
         validation_data="training_data/training_data_ansel_val.json",
         settings={"max_tokens": 128, "seed": 0},
-        chart_png=report.comparison_chart_png(comparison) if chart else None,
+        chart_png=charts.comparison_chart_png(comparison) if chart else None,
     )
 
 
@@ -158,7 +160,7 @@ def test_missing_image_is_reported_not_fatal(evaluation):
 
 def test_chart_is_a_png(evaluation):
     *_, comparison, _gates, _out = evaluation
-    png = report.comparison_chart_png(comparison)
+    png = charts.comparison_chart_png(comparison)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mondrian_assets.core import splits
-from mondrian_assets.core.demo_data import append_demo_jobs
+from mondrian_assets.core.data import splits
 from mondrian_assets.core.schema import DEFAULT_INSTRUCTION, canonical_json, parse_analysis
 from mondrian_assets.defs import linking
 from mondrian_assets.defs import splits as split_defs
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
+from mondrian_assets.demo.app import append_demo_jobs
 
 ASSETS = [linking.linked_records, split_defs.advisor_splits]
 

@@ -15,18 +15,17 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core import schema
-from mondrian_assets.core.tiny_model import SPEC_FILE, TinyModelSpec, build_tiny_base_model
-from mondrian_assets.core.training import (
+from mondrian_assets.core.training.config import (
     TrainConfig,
     TrainingConfigError,
     TrainingFailed,
-    encode_example,
-    learning_rate_schedule,
     load_processor,
-    run_training_subprocess,
-    train_lora,
     validate_config,
 )
+from mondrian_assets.core.training.examples import encode_example
+from mondrian_assets.core.training.isolation import run_training_subprocess
+from mondrian_assets.core.training.loop import learning_rate_schedule, train_lora
+from mondrian_assets.demo.tiny_model import SPEC_FILE, TinyModelSpec, build_tiny_base_model
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 PROMPT = schema.build_prompt("You critique photographs.", "You are Ansel Adams.", "Answer in JSON.")

@@ -7,8 +7,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from mondrian_assets.core.evaluation import EvalSettings, evaluate_adapter
-from mondrian_assets.core.metrics import GateThresholds
+from mondrian_assets.core.evaluation.gates import GateThresholds
+from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MondrianDatabase
 

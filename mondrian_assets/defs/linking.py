@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from mondrian_assets.core import app_db, linker
-from mondrian_assets.core.link_cache import LinkCache
+from mondrian_assets.core.data import app_db, linker
+from mondrian_assets.core.data.link_cache import LinkCache
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.defs.resources import MondrianDatabase
 

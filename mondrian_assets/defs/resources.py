@@ -9,11 +9,10 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
-from mondrian_assets.core.app_db import read_only_engine
-from mondrian_assets.core.base_model import ensure_embedded_base_model
-from mondrian_assets.core.link_cache import state_engine
+from mondrian_assets.core.data.app_db import read_only_engine
 from mondrian_assets.core.locations import Locations
-from mondrian_assets.core.training import TrainConfig
+from mondrian_assets.core.state_db import state_engine
+from mondrian_assets.core.training.config import TrainConfig
 
 
 class MondrianDatabase(dg.ConfigurableResource):
@@ -88,7 +87,12 @@ class MlxTrainer(dg.ConfigurableResource):
     early_stopping_patience: int | None = Field(default=_TRAIN_DEFAULTS.early_stopping_patience, description="Evaluations without a new best before stopping; empty: never.")
 
     def resolved_base_model(self, models_dir: Path) -> str:
-        return self.base_model or str(ensure_embedded_base_model(models_dir))
+        if self.base_model:
+            return self.base_model
+        # imported here: only the embedded default needs the demo generator
+        from mondrian_assets.demo.base_model import ensure_embedded_base_model
+
+        return str(ensure_embedded_base_model(models_dir))
 
     def train_config(self, models_dir: Path) -> TrainConfig:
         values = {k: v for k, v in self.model_dump().items() if k in TrainConfig.__dataclass_fields__}

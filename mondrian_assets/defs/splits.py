@@ -10,8 +10,8 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field
 
-from mondrian_assets.core import app_db, splits
-from mondrian_assets.core.images import APP_MAX_SIDE
+from mondrian_assets.core.data import app_db, splits
+from mondrian_assets.core.data.images import APP_MAX_SIDE
 from mondrian_assets.core.schema import build_prompt, canonical_json, parse_analysis
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase

@@ -10,9 +10,12 @@ import numpy as np
 from pydantic import Field
 from safetensors.numpy import load_file
 
-from mondrian_assets.core import atomic, training
-from mondrian_assets.core.inference import generate_analyses, load_eval_examples, load_for_inference
-from mondrian_assets.core.plots import loss_curve_png
+from mondrian_assets.core import atomic
+from mondrian_assets.core.evaluation.charts import loss_curve_png
+from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
+from mondrian_assets.core.inference.loading import load_for_inference
+from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError, TrainResult, validate_config
+from mondrian_assets.core.training.isolation import run_training_subprocess
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 
@@ -44,7 +47,7 @@ def _progress_line(advisor: str, report: dict) -> str:
     return " | ".join(parts)
 
 
-def _adapter_checks(result: training.TrainResult, config: training.TrainConfig, adapter_dir: Path,
+def _adapter_checks(result: TrainResult, config: TrainConfig, adapter_dir: Path,
                     val_json: Path, smoke_tokens: int) -> Iterator[dg.AssetCheckResult]:  # fmt: skip
     first, best = result.first_val_loss, result.best_val_loss
     yield dg.AssetCheckResult(check_name="loss_went_down", passed=bool(first and best is not None and best < first),
@@ -104,13 +107,13 @@ def lora_adapter(
     loc = mondrian_db.locations()
     train_config = mlx_trainer.train_config(loc.models)
     try:
-        training.validate_config(train_config, Path(train_split["jsonl"]), Path(val_split["jsonl"]))
-    except training.TrainingConfigError as exc:
+        validate_config(train_config, Path(train_split["jsonl"]), Path(val_split["jsonl"]))
+    except TrainingConfigError as exc:
         raise dg.Failure(f"{advisor}: {exc}", allow_retries=False) from exc
     adapter_dir = loc.models / "adapters" / advisor
     context.log.info(f"training {advisor} on {train_split['count']} examples (val {val_split['count']}), "
                      f"base {train_config.base_model}, data version {train_split['data_version']}")  # fmt: skip
-    result = training.run_training_subprocess(
+    result = run_training_subprocess(
         train_config,
         Path(train_split["jsonl"]),
         Path(val_split["jsonl"]),

@@ -12,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mondrian_assets.core.inference import generate_analyses, load_eval_examples, load_for_inference, max_tokens_for
-from mondrian_assets.core.metrics import Comparison, GateResult, GateThresholds, compare, evaluate_gates, verdict
-from mondrian_assets.core.report import ReportPaths, comparison_chart_png, write_comparison_report
+from mondrian_assets.core.evaluation.charts import comparison_chart_png
+from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, evaluate_gates, verdict
+from mondrian_assets.core.evaluation.metrics import Comparison, compare
+from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison_report
+from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples, max_tokens_for
+from mondrian_assets.core.inference.loading import load_for_inference
 from mondrian_assets.core.schema import Analysis, parse_analysis
 
 

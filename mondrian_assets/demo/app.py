@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mondrian_assets.core import demo_images as img
 from mondrian_assets.core.atomic import staged_dir, write_json
 from mondrian_assets.core.schema import (
     DIMENSION_NAMES,
@@ -33,6 +32,7 @@ from mondrian_assets.core.schema import (
     build_prompt,
     canonical_json,
 )
+from mondrian_assets.demo import images as img
 
 MANIFEST_NAME = "demo_manifest.json"
 TRUTH_NAME = "demo_truth.jsonl"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from mondrian_assets.core import atomic
-from mondrian_assets.core.images import APP_MAX_SIDE, prepared_image
+from mondrian_assets.core.data.images import APP_MAX_SIDE, prepared_image
 from mondrian_assets.core.schema import chat_messages
 
 MIN_EXAMPLES_FOR_VAL = 5

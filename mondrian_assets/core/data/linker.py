@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from mondrian_assets.core import atomic
-from mondrian_assets.core.app_db import JobRow
-from mondrian_assets.core.images import ImageFacts, inspect_image
-from mondrian_assets.core.link_cache import LinkCache, file_key
+from mondrian_assets.core.data.app_db import JobRow
+from mondrian_assets.core.data.images import ImageFacts, inspect_image
+from mondrian_assets.core.data.link_cache import LinkCache, file_key
 from mondrian_assets.core.locations import Locations, PathRejected
 from mondrian_assets.core.schema import ParseResult, canonical_json, parse_analysis
 

@@ -1,5 +1,5 @@
 """The evaluation's outputs: `comparison_report.json` (the plan's file contract), `review.html` (a self-contained
-page to read every example side by side) and a PNG chart for the Dagster UI. Writes are atomic."""
+page to read every example side by side). Writes are atomic."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mondrian_assets.core import atomic, schema
-from mondrian_assets.core.metrics import Comparison, EvalExample, GateResult, Generation, invalid_fields
+from mondrian_assets.core.evaluation.gates import GateResult
+from mondrian_assets.core.evaluation.metrics import Comparison, invalid_fields
+from mondrian_assets.core.inference.records import EvalExample, Generation
 from mondrian_assets.core.schema import ParseResult
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
 
 REPORT_NAME = "comparison_report.json"
 REVIEW_NAME = "review.html"
@@ -292,50 +290,6 @@ def review_html(
         f"<h2>Examples</h2>{_examples_table(examples, base, fine_tuned, out_dir)}"
         "</body></html>\n"
     )
-
-
-# --- chart ---------------------------------------------------------------------------------------------------
-
-
-def comparison_chart_png(metrics: Comparison) -> bytes:
-    """Bars for base / fine-tuned / training-mean baseline: format compliance and score MAEs."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    labels = ["base", "fine-tuned", "mean baseline"]
-    colors = ["#999999", "#2a7ab0", "#d9a441"]
-    compliance = [metrics.base.format_compliance, metrics.fine_tuned.format_compliance]
-    _bars(left, labels[:2], compliance, colors[:2], "format compliance", (0, 1.05))
-    mae = [
-        metrics.base.overall_score_mae,
-        metrics.fine_tuned.overall_score_mae,
-        metrics.mean_baseline.overall_score_mae,
-    ]
-    _bars(right, labels, mae, colors, "overall-score MAE (lower is better)", None)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _bars(
-    ax: Axes,
-    labels: list[str],
-    values: list[float | None],
-    colors: list[str],
-    title: str,
-    ylim: tuple[float, float] | None,
-) -> None:
-    heights = [v if v is not None else 0.0 for v in values]
-    ax.bar(labels, heights, color=colors)
-    for i, v in enumerate(values):
-        ax.annotate("n/a" if v is None else f"{v:.2f}", (i, heights[i]), ha="center", va="bottom")
-    ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
 
 
 # --- writing -------------------------------------------------------------------------------------------------

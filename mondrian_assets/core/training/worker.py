@@ -1,6 +1,6 @@
-"""Child-process entry point for `training.run_training_subprocess`.
+"""Child-process entry point for `isolation.run_training_subprocess`.
 
-    python -m mondrian_assets.core.train_worker request.json
+    python -m mondrian_assets.core.training.worker request.json
 
 Protocol lines (`PROTOCOL_PREFIX` + JSON) go to the original stdout: `{"type": "report", "report": {...}}` per
 report, then `{"type": "result", "result": {...}}` or `{"type": "error", "kind": ..., "message": ...}`. Anything else
@@ -15,12 +15,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from mondrian_assets.core.training import (
-    PROTOCOL_PREFIX,
-    TrainConfig,
-    TrainingConfigError,
-    train_lora,
-)
+from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError
+from mondrian_assets.core.training.isolation import PROTOCOL_PREFIX
+from mondrian_assets.core.training.loop import train_lora
 
 
 def main(argv: list[str]) -> int:

@@ -12,9 +12,9 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from mondrian_assets.core.demo_data import generate_demo_app
 from mondrian_assets.core.schema import build_prompt
-from mondrian_assets.core.tiny_model import build_tiny_base_model
+from mondrian_assets.demo.app import generate_demo_app
+from mondrian_assets.demo.tiny_model import build_tiny_base_model
 
 EMBEDDED_NAME = "tiny-qwen3-vl"
 CORPUS_SEED = 1001

@@ -1,0 +1,1 @@
+"""Reading the app's jobs and files, linking them, and the train/val splits."""

@@ -1,0 +1,1 @@
+"""Loading a base (plus adapter) and generating analyses the way serving will."""

@@ -1,0 +1,1 @@
+"""The embedded default: a generated demo app and a tiny Qwen3-VL, apart from the product."""
