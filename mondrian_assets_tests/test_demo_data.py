@@ -176,7 +176,7 @@ def test_valid_analyses_parse_to_the_intended_one(
     demo: tuple[Path, dd.DemoSummary], rows: dict[str, dict], truth: dict[str, dict]
 ) -> None:
     app = demo[0]
-    valid = [t for t in truth.values() if t["intended"]]
+    valid = [t for t in truth.values() if t["intended"] and t["storage"] != "analysis_in_html_card"]
     assert len(valid) >= 100
     for t in valid:
         result = parse_analysis(_stored_text(app, rows[t["job_id"]]))
@@ -208,6 +208,9 @@ def test_storage_forms_are_stored_as_named(
             assert row["analysis_markdown"] is None and row["llm_outputs"] is None and row["analysis_file"] is None
         elif key == "analysis_file_column":
             assert (app / row["analysis_file"]).is_file() and row["analysis_markdown"] is None
+        elif key == "analysis_in_html_card":
+            assert row["status"] == "done" and row["analysis_markdown"].startswith('<div class="analysis-card"')
+            assert "How to Improve:" in row["analysis_markdown"] and "Overall Grade" in row["analysis_markdown"]
 
 
 def test_older_llm_outputs_hold_html_only(rows: dict[str, dict]) -> None:
@@ -231,6 +234,7 @@ def test_older_llm_outputs_hold_html_only(rows: dict[str, dict]) -> None:
         ("missing_fields", "missing_fields"),
         ("score_out_of_range", "score_out_of_range"),
         ("html_analysis", "no_json"),
+        ("html_error_card", "no_json"),
     ],
 )
 def test_broken_analyses_fail_with_their_code(
@@ -460,10 +464,11 @@ def test_legacy_schema(tmp_path: Path) -> None:
     assert {r["status"] for r in rows.values()} <= {"done", "pending", "processing", "failed", "error"}
     for key in ("analysis_in_llm_outputs", "analysis_file_column", "uploads_path"):
         assert summary.planted[key] == []
-    for key in ("analysis_in_file_path", "analysis_in_markdown_text", "analysis_in_fallback_file", "exif_rotated"):
+    for key in ("analysis_in_file_path", "analysis_in_markdown_text", "analysis_in_fallback_file",
+                "analysis_in_html_card", "exif_rotated"):  # fmt: skip
         assert summary.planted[key], key
     for t in dd.load_truth(app):
-        if t["intended"]:
+        if t["intended"] and t["storage"] != "analysis_in_html_card":  # cards: test_html_cards.py
             result = parse_analysis(_stored_text(app, rows[t["job_id"]]))
             assert result.ok and canonical_json(result.analysis) == t["intended"]
 

@@ -41,7 +41,9 @@ EXPECTED = {
     "exif_rotated": None,
     "path_traversal": "path_outside_roots",
     "absolute_path_outside": "path_outside_roots",
-    "html_analysis": "analysis_no_json",
+    "html_analysis": "analysis_html_card_incomplete",
+    "html_error_card": "analysis_html_error_card",
+    "analysis_in_html_card": None,
     "analysis_in_file_path": None,
     "analysis_in_markdown_text": None,
     "analysis_in_llm_outputs": None,
@@ -84,11 +86,12 @@ def test_linked_analysis_is_the_canonical_form_of_what_the_app_stored(pristine_d
     records = link(loc).records
     truth = [json.loads(line) for line in (pristine_demo.app_dir / "demo_truth.jsonl").read_text().splitlines()]
     intended = {t["job_id"]: t["intended"] for t in truth}
-    for job_id, analysis_json in zip(records["job_id"], records["analysis_json"]):
+    json_era = records[records["analysis_source"] != linker.HTML_CARD_SOURCE]  # cards: test_html_cards.py
+    for job_id, analysis_json in zip(json_era["job_id"], json_era["analysis_json"]):
         assert analysis_json == intended[job_id], job_id
     # every way the app ever stored an analysis was read at least once
     assert {"llm_outputs.response", "analysis_markdown.text", "analysis_markdown.path", "analysis_file",
-            "fallback_file"} <= set(records["analysis_source"])  # fmt: skip
+            "fallback_file", linker.HTML_CARD_SOURCE} <= set(records["analysis_source"])  # fmt: skip
 
 
 @pytest.mark.parametrize("filename", ["../../etc/passwd", "/etc/hosts", "uploads/../../outside.jpg"])
@@ -128,7 +131,7 @@ def test_legacy_era_database_links(tmp_path):
         assert "llm_outputs" not in app_db.table_columns(conn, "jobs")
     result = link(loc)
     assert len(result.records) > 20
-    assert set(result.records["analysis_source"]) <= {"analysis_markdown.path", "analysis_markdown.text", "fallback_file"}
+    assert set(result.records["analysis_source"]) <= {"analysis_markdown.path", "analysis_markdown.text", "fallback_file", "html_card"}
 
 
 def test_relink_after_new_jobs_reads_only_the_new_files(locations):

@@ -19,6 +19,11 @@ PLAN_MIN_EXAMPLES = 60  # the LoRA plan's floor for a useful advisor dataset
 class LinkConfig(dg.Config):
     workers: int = Field(default=4, description="Threads that hash and decode new images.")
     use_cache: bool = Field(default=True, description="Reuse facts about unchanged files from earlier runs.")
+    recover_html_cards: bool = Field(
+        default=True,
+        description="Recover the older app's HTML analysis cards (every dimension score and the overall grade) "
+        "where a job has no JSON analysis; off: such jobs are skipped as analysis_html_card_not_recovered.",
+    )
 
 
 def _counts_table(counts: dict[str, int], key: str) -> dg.TableMetadataValue:
@@ -40,7 +45,7 @@ def linked_records(
         jobs = app_db.read_jobs(conn)
     context.log.info(f"read {len(jobs)} jobs from {loc.db_path}")
     cache = LinkCache(mondrian_db.state_engine() if config.use_cache else None)
-    result = linker.link_jobs(jobs, loc, cache, workers=config.workers)
+    result = linker.link_jobs(jobs, loc, cache, workers=config.workers, recover_html_cards=config.recover_html_cards)
     context.log.info(linker.summary_text(linker.write_manifest(result, loc)))
 
     advisors = sorted(result.advisor_counts())

@@ -56,13 +56,16 @@ STORAGE_FORMS = (
     "analysis_in_llm_outputs",
     "analysis_in_fallback_file",
     "analysis_file_column",
+    "analysis_in_html_card",
 )
+OLDER_ERA_FORMS = ("analysis_in_file_path", "analysis_in_html_card")  # forms only the older app wrote
 PLANTED_KEYS = (
     "missing_image", "missing_analysis", "fenced_json", "thinking_tags", "curly_quotes", "extra_brace",
     "truncated_json", "invalid_json", "missing_fields", "score_out_of_range", "six_dimensions",
     "nine_dimensions", "duplicate_image", "duplicate_job_same_file", "not_finished", "rag_suffix_id",
     "advisor_all", "tiny_image", "undecodable_image", "png_alpha", "exif_rotated", "path_traversal",
     "absolute_path_outside", "html_analysis", *STORAGE_FORMS, "legacy_status_done", "uploads_path",
+    "html_error_card",
 )  # fmt: skip
 # Raw-output faults and the parse error each must produce.
 EXPECTED_ERRORS = {
@@ -71,6 +74,7 @@ EXPECTED_ERRORS = {
     "missing_fields": "missing_fields",
     "score_out_of_range": "score_out_of_range",
     "html_analysis": "no_json",
+    "html_error_card": "no_json",
     "missing_analysis": "empty",
 }
 UNFINISHED_STATUSES = ("pending", "queued", "processing", "analyzing", "finalizing", "failed", "error")
@@ -450,7 +454,8 @@ def markdown_document(advisor: str, analysis: Analysis, raw: str) -> str:
 
 
 def html_document(advisor: str, analysis: Analysis) -> str:
-    """The older app's rendered HTML: readable, but with no JSON left in it."""
+    """A bare HTML rendering with no JSON left in it and no "How to Improve" advice: not a card that can be
+    recovered (compare `html_card`)."""
     items = "".join(
         f"<li><strong>{html.escape(d.name)}</strong> {d.score:g}/10: {html.escape(d.comment)}</li>"
         for d in analysis.dimensions
@@ -460,6 +465,47 @@ def html_document(advisor: str, analysis: Analysis) -> str:
         f'<div class="advisor-analysis"><h2>{name}</h2><p>{html.escape(analysis.image_description)}</p>'
         f"<ul>{items}</ul><p>Overall: {analysis.overall_score:g}/10</p></div>"
     )
+
+
+_RATINGS = ((8.5, "Excellent"), (7.0, "Good"), (5.0, "Fair"), (0.0, "Needs Work"))
+
+
+def html_card(
+    advisor: str, analysis: Analysis, *, description: bool, grade_note: bool, references: bool, inline_scores: bool
+) -> str:
+    """The older app's analysis card: per dimension a heading, a score written `7.0/10 (Good)`, the comment and
+    a "How to Improve:" line, then "Overall Grade x/10"; optionally the image description ("Image Analysis"), a
+    "Grade Note" (here the technical notes) and reference-image blocks. `inline_scores` puts each score inside
+    its heading instead of beside it, as some card versions did."""
+    esc = html.escape
+    parts = [f'<div class="analysis-card" data-advisor="{esc(advisor)}">',
+             f'<div class="card-header"><h2>{esc(_advisor(advisor).name)}</h2></div>']  # fmt: skip
+    if description:
+        parts.append(f'<div class="image-analysis"><h3>Image Analysis</h3><p>{esc(analysis.image_description)}</p></div>')
+    for d in analysis.dimensions:
+        rating = next(word for floor, word in _RATINGS if d.score >= floor)
+        score = f'<span class="score">{d.score:.1f}/10 ({rating})</span>'
+        header = f"<h4>{esc(d.name)} {score}</h4>" if inline_scores else f"<h4>{esc(d.name)}</h4>{score}"
+        parts.append(
+            f'<div class="dimension"><div class="dimension-header">{header}</div><p class="comment">{esc(d.comment)}</p>'
+            f'<div class="recommendation"><strong>How to Improve:</strong> {esc(d.recommendation)}</div></div>'
+        )
+    parts.append(f'<div class="overall-grade"><span>Overall Grade</span> <span class="grade">{analysis.overall_score:.1f}/10</span></div>')
+    if grade_note:
+        parts.append(f'<div class="grade-note"><strong>Grade Note:</strong> {esc(analysis.technical_notes)}</div>')
+    if references:
+        figures = "".join(
+            f'<figure><img src="/static/references/{esc(advisor)}-{k}.jpg" alt=""><figcaption>Reference {k}: '
+            f"{esc(_advisor(advisor).name)}, study of {esc(d.name.lower())}</figcaption></figure>"
+            for k, d in enumerate(analysis.dimensions[:2], start=1)
+        )
+        parts.append(f'<div class="reference-images"><h4>Reference Images</h4>{figures}</div>')
+    return "\n".join([*parts, "</div>"])
+
+
+def error_card(message: str) -> str:
+    """The older app's card for a failed analysis: a title and the error, no scores."""
+    return f'<div class="analysis-card error"><h3>Analysis Error</h3><p>{html.escape(message)}</p></div>'
 
 
 # --- the job plan ----------------------------------------------------------------------------------------------
@@ -476,7 +522,7 @@ class _Job:
     scene: str = "landscape"
     image: str = "jpeg"  # jpeg | exif | png_alpha | tiny_png | garbage | absent | copy | same_file
     filename: str = ""
-    storage: str = "analysis_in_llm_outputs"  # a STORAGE_FORMS entry, "html" or "none"
+    storage: str = "analysis_in_llm_outputs"  # a STORAGE_FORMS entry, "html", "html_error" or "none"
     style: str = "compact"
     fault: str = ""  # the raw-output fault, if any (EXPECTED_ERRORS key)
     names: tuple[str, ...] = SEVEN
@@ -529,6 +575,7 @@ _EXCLUSIVE_FAULTS: tuple[tuple[str, int, float, str], ...] = (
     ("absolute_path_outside", 1, 0.0005, ""),
     ("html_analysis", 1, 0.002, "old"),
     ("curly_quotes", 1, 0.0005, "new"),
+    ("html_error_card", 1, 0.002, "old"),
 )
 # Frequent, harmless output shapes: (style, share of the remaining valid jobs).
 _STYLE_SHARES = (("fenced", 0.09), ("thinking", 0.05), ("extra_brace", 0.03), ("pretty", 0.25))
@@ -626,6 +673,8 @@ def _apply_fault(rng: np.random.Generator, jobs: list[_Job], i: int, name: str, 
         job.filename = {"path_traversal": "../../etc/passwd", "absolute_path_outside": "/etc/hosts"}.get(name, "")
     elif name == "html_analysis":
         job.storage = "html"
+    elif name == "html_error_card":
+        job.storage = "html_error"
     elif name == "missing_analysis":
         job.storage = "none"
 
@@ -653,6 +702,7 @@ def _assign_storage(rng: np.random.Generator, jobs: list[_Job], legacy: bool) ->
         ("analysis_in_file_path", 0.35),
         ("analysis_in_markdown_text", 0.55),
         ("analysis_in_fallback_file", 0.10),
+        ("analysis_in_html_card", 0.35),
     )
     new_forms = (
         ("analysis_in_llm_outputs", 0.45),
@@ -663,9 +713,11 @@ def _assign_storage(rng: np.random.Generator, jobs: list[_Job], legacy: bool) ->
     for job in jobs:
         if job.status not in ("completed", "done"):
             continue
-        if job.storage in ("html", "none") or "advisor_all" in job.planted:
+        if job.storage in ("html", "html_error", "none") or "advisor_all" in job.planted:
             continue
         forms = old_forms if job.era == "old" else new_forms
+        if job.fault or job.style not in ("compact", "pretty"):  # a card keeps no raw output to carry these
+            forms = tuple(f for f in forms if f[0] != "analysis_in_html_card")
         if job.job_id.endswith(" (rag)"):  # keep odd ids out of file names
             forms = (("analysis_in_markdown_text" if legacy else "analysis_in_llm_outputs", 1.0),)
         names, weights = zip(*forms)
@@ -675,12 +727,13 @@ def _assign_storage(rng: np.random.Generator, jobs: list[_Job], legacy: bool) ->
 
 def _ensure_every_form(jobs: list[_Job], legacy: bool) -> None:
     """Small demos could miss a storage form by chance; convert a clean job so each form appears."""
-    wanted = STORAGE_FORMS if not legacy else STORAGE_FORMS[:2] + STORAGE_FORMS[3:4]
+    legacy_forms = ("analysis_in_file_path", "analysis_in_markdown_text", "analysis_in_fallback_file", "analysis_in_html_card")
+    wanted = legacy_forms if legacy else STORAGE_FORMS
     for form in wanted:
         counts = Counter(j.storage for j in jobs if _is_plain(j))
         if counts[form]:
             continue
-        era = "old" if form == "analysis_in_file_path" or legacy else "new"
+        era = "old" if form in OLDER_ERA_FORMS or legacy else "new"
         for j in jobs:
             if _is_plain(j) and j.era == era and counts[j.storage] > 1:
                 j.storage = form
@@ -802,6 +855,13 @@ def _store(job: _Job, analysis: Analysis, raw: str, rng: np.random.Generator, le
     if job.storage == "html":
         page = html_document(job.advisor, analysis)
         return _Stored(analysis_markdown=page, llm_outputs=None if legacy else json.dumps({job.advisor: page}))
+    if job.storage == "html_error":
+        return _Stored(analysis_markdown=error_card(_ERRORS[int(rng.integers(len(_ERRORS)))]))
+    if job.storage == "analysis_in_html_card":
+        draws = rng.random(4)
+        card = html_card(job.advisor, analysis, description=draws[0] < 0.5, grade_note=draws[1] < 0.6,
+                         references=draws[2] < 0.4, inline_scores=draws[3] < 0.3)  # fmt: skip
+        return _Stored(analysis_markdown=card, llm_outputs=None if legacy else json.dumps({job.advisor: card}))
     doc = markdown_document(job.advisor, analysis, raw)
     if job.storage == "analysis_in_fallback_file":
         return _Stored(files={f"analysis_md/analysis-{job.advisor}-{job.job_id}.md": doc})
@@ -844,7 +904,7 @@ def _raw_for(job: _Job, analysis: Analysis, f: img.ImageFeatures, variant: int) 
         return raw_output(data, "truncated", f), job.fault
     if job.fault == "invalid_json":
         return raw_output(data, job.style, f), job.fault
-    storage_fault = {"html": "html_analysis", "none": "missing_analysis"}.get(job.storage, "")
+    storage_fault = {"html": "html_analysis", "html_error": "html_error_card", "none": "missing_analysis"}.get(job.storage, "")
     return raw_output(data, job.style, f), EXPECTED_ERRORS.get(storage_fault)
 
 

@@ -15,17 +15,20 @@ import pandas as pd
 
 from mondrian_assets.core import atomic
 from mondrian_assets.core.data.app_db import JobRow
+from mondrian_assets.core.data.html_card import NOT_HTML, looks_like_html, recover_card
 from mondrian_assets.core.data.images import ImageFacts, inspect_image
 from mondrian_assets.core.data.link_cache import LinkCache, file_key
 from mondrian_assets.core.locations import Locations, PathRejected
 from mondrian_assets.core.schema import ParseResult, canonical_json, parse_analysis
 
 _ANALYSIS_KIND = "analysis.v2"  # bump when _Analysis changes shape: old cache entries are then never hit
+_CARD_KIND = "html_card.v1"  # the same, for analyses recovered from the older app's HTML cards
+HTML_CARD_SOURCE = "html_card"
 MIN_IMAGE_SIDE = 16  # the app's 1x1 test image and similar slivers carry nothing to learn from
 
 RECORD_COLUMNS = [
     "job_id", "advisor", "image_path", "image_sha256", "width", "height", "analysis_source", "analysis_path",
-    "analysis_json", "overall_score", "json_size", "created_at", "completed_at",
+    "analysis_json", "overall_score", "json_size", "created_at", "completed_at", "derived_fields",
 ]  # fmt: skip
 
 
@@ -59,12 +62,13 @@ class _Analysis:
     overall_score: float = 0.0
     error: str | None = None
     detail: str = ""
+    derived_fields: tuple[str, ...] = ()  # fields a recovered HTML card did not carry
 
     @classmethod
-    def of(cls, result: ParseResult) -> _Analysis:
+    def of(cls, result: ParseResult, derived_fields: tuple[str, ...] = ()) -> _Analysis:
         if result.analysis is None:
             return cls(None, error=result.error, detail=result.detail)
-        return cls(canonical_json(result.analysis), result.analysis.overall_score)
+        return cls(canonical_json(result.analysis), result.analysis.overall_score, derived_fields=derived_fields)
 
 
 @dataclass(frozen=True)
@@ -117,25 +121,46 @@ def _analysis_sources(job: JobRow, advisor: str, loc: Locations) -> Iterable[tup
         yield "fallback_file", None, str(fallback)
 
 
-def _parse_cached(cache: LinkCache, key: str | None, read: Callable[[], str]) -> _Analysis:
+def _parse_cached(cache: LinkCache, key: str | None, parse: Callable[[], _Analysis]) -> _Analysis:
     """Parse only what the cache has not seen: a hit costs a dict lookup, not a parse."""
     cached = cache.get(key)
     if cached is not None:
         return _Analysis(**cached)
-    analysis = _Analysis.of(parse_analysis(read()))
+    analysis = parse()
     cache.put(key, asdict(analysis))
     return analysis
 
 
-def _text_key(text: str) -> str:
-    return f"{_ANALYSIS_KIND}:text:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+def _text_key(kind: str, text: str) -> str:
+    return f"{kind}:text:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _find_analysis(job: JobRow, advisor: str, loc: Locations, cache: LinkCache) -> tuple[_Analysis, str, Path | None] | Skip:
-    """The first stored analysis that parses; otherwise the problem with the first one found."""
+@dataclass(frozen=True)
+class _Stored:
+    """One stored analysis that was found: where, how to read it, and its cache key for a given parse kind."""
+
+    source: str
+    read: Callable[[], str]
+    key: Callable[[str], str | None]
+    path: Path | None
+
+
+def _card(stored: _Stored, cache: LinkCache) -> _Analysis:
+    def parse() -> _Analysis:
+        recovery = recover_card(stored.read())
+        return _Analysis.of(recovery.result, recovery.derived_fields)
+
+    return _parse_cached(cache, stored.key(_CARD_KIND), parse)
+
+
+def _find_analysis(
+    job: JobRow, advisor: str, loc: Locations, cache: LinkCache, recover_html_cards: bool
+) -> tuple[_Analysis, str, Path | None] | Skip:
+    """The first stored analysis that parses as JSON; failing that, the first HTML card that can be recovered;
+    otherwise the problem with the first card, or else with the first analysis found."""
     first_failure: tuple[_Analysis, str] | None = None
+    unparsed: list[_Stored] = []
     for source, text, reference in _analysis_sources(job, advisor, loc):
-        path: Path | None = None
         if reference is not None:
             try:
                 path = loc.analysis_file(reference)
@@ -146,19 +171,35 @@ def _find_analysis(job: JobRow, advisor: str, loc: Locations, cache: LinkCache) 
                 if source != "fallback_file":
                     first_failure = first_failure or (_Analysis(None, error="file_not_found", detail=str(path)), source)
                 continue
-            result = _parse_cached(cache, file_key(_ANALYSIS_KIND, path), lambda p=path: p.read_text("utf-8", "replace"))
+            stored = _Stored(source, lambda p=path: p.read_text("utf-8", "replace"), lambda kind, p=path: file_key(kind, p), path)
         else:
-            result = _parse_cached(cache, _text_key(text or ""), lambda t=text: t or "")
+            content = text or ""
+            stored = _Stored(source, lambda t=content: t, lambda kind, t=content: _text_key(kind, t), None)
+        result = _parse_cached(cache, stored.key(_ANALYSIS_KIND), lambda s=stored: _Analysis.of(parse_analysis(s.read())))
         if result.json is not None:
-            return result, source, path
+            return result, source, stored.path
         first_failure = first_failure or (result, source)
+        unparsed.append(stored)
+    for stored in unparsed:
+        if not recover_html_cards:
+            if looks_like_html(stored.read()):
+                off = _Analysis(None, error="html_card_not_recovered", detail="HTML card; recovery is turned off")
+                first_failure = (off, stored.source)
+                break
+            continue
+        card = _card(stored, cache)
+        if card.json is not None:
+            return card, HTML_CARD_SOURCE, stored.path
+        if card.error != NOT_HTML:
+            first_failure = (card, stored.source)
+            break
     if first_failure is None:
         return Skip(job.id, advisor, "analysis_missing", "no analysis in the DB and no analysis_md fallback file")
     result, source = first_failure
     return Skip(job.id, advisor, f"analysis_{result.error}", f"{source}: {result.detail}"[:500])
 
 
-def _candidate(job: JobRow, loc: Locations, cache: LinkCache) -> _Candidate | Skip:
+def _candidate(job: JobRow, loc: Locations, cache: LinkCache, recover_html_cards: bool) -> _Candidate | Skip:
     if not job.finished:
         return Skip(job.id, job.advisor, "not_finished", f"status={job.status!r}")
     advisor = _single_advisor(job.advisor)
@@ -172,7 +213,7 @@ def _candidate(job: JobRow, loc: Locations, cache: LinkCache) -> _Candidate | Sk
         return Skip(job.id, advisor, "path_outside_roots", str(exc))
     if not image_path.is_file():
         return Skip(job.id, advisor, "image_not_found", str(image_path))
-    found = _find_analysis(job, advisor, loc, cache)
+    found = _find_analysis(job, advisor, loc, cache, recover_html_cards)
     if isinstance(found, Skip):
         return found
     result, source, analysis_path = found
@@ -197,12 +238,15 @@ def _image_facts(paths: list[Path], cache: LinkCache, workers: int) -> dict[Path
     return facts
 
 
-def link_jobs(jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: int = 4) -> LinkResult:
-    """Every finished job becomes a linked record or a Skip; one record per (advisor, image content)."""
+def link_jobs(
+    jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: int = 4, recover_html_cards: bool = True
+) -> LinkResult:
+    """Every finished job becomes a linked record or a Skip; one record per (advisor, image content).
+    `recover_html_cards`: read the older app's HTML cards (core/data/html_card.py) where no JSON analysis parses."""
     skips: list[Skip] = []
     candidates: list[_Candidate] = []
     for job in jobs:
-        outcome = _candidate(job, loc, cache)
+        outcome = _candidate(job, loc, cache, recover_html_cards)
         (skips if isinstance(outcome, Skip) else candidates).append(outcome)
 
     facts = _image_facts([c.image_path for c in candidates], cache, workers)
@@ -238,6 +282,7 @@ def link_jobs(jobs: list[JobRow], loc: Locations, cache: LinkCache, *, workers: 
                 "json_size": len(response or ""),
                 "created_at": c.job.created_at,
                 "completed_at": c.job.completed_at,
+                "derived_fields": ",".join(c.analysis.derived_fields),
             }
         )
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS).sort_values(["advisor", "job_id"], ignore_index=True)
@@ -266,6 +311,7 @@ def manifest(result: LinkResult, loc: Locations) -> dict:
                     "completed_at": _text_or_none(r.completed_at),
                     "json_size": int(r.json_size),
                     "overall_score": float(r.overall_score),
+                    **({"derived_fields": r.derived_fields.split(",")} if r.derived_fields else {}),
                 }
                 for r in group.itertuples()
             ],
