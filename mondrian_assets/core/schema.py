@@ -25,6 +25,7 @@ DIMENSION_NAMES: tuple[str, ...] = (
     "Subject Matter",
 )
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
+MAX_DIMENSIONS = len(DIMENSION_NAMES)  # the app's largest set; more is a runaway output, not an analysis
 MAX_CASE_STUDIES = 3
 REQUIRED_FIELDS: tuple[str, ...] = (
     "image_description",
@@ -147,6 +148,8 @@ def extract_json_object(raw: str) -> tuple[dict | None, str | None, str]:
                 value = json.loads(candidate)
             except json.JSONDecodeError as exc:
                 last_error = f"{exc.msg} at char {exc.pos}"
+            except RecursionError:  # thousands of nested brackets: garbage, and must not crash the caller
+                last_error = "nested too deeply"
             else:
                 if isinstance(value, dict):
                     return value, None, ""
@@ -226,6 +229,8 @@ def validate_analysis(data: dict) -> ParseResult:
     if "dimensions" not in errors:
         if not isinstance(raw_dims, list) or not raw_dims:
             errors["dimensions"] = "must be a non-empty list"
+        elif len(raw_dims) > MAX_DIMENSIONS:
+            errors["dimensions"] = f"{len(raw_dims)} dimensions, at most {MAX_DIMENSIONS}"
         else:
             problems = []
             for i, raw in enumerate(raw_dims):

@@ -15,7 +15,7 @@ JOB_COLUMNS = (
 
 
 class AppDatabaseError(RuntimeError):
-    """The app's database is missing or not shaped like the app's."""
+    """The app's database is missing, damaged, locked for too long, or not shaped like the app's."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,31 @@ def read_only_engine(db_path: Path, *, busy_timeout_s: float = 10.0) -> sa.Engin
     if not db_path.is_file():
         raise AppDatabaseError(f"the app database {db_path} does not exist (set MONDRIAN_APP_DIR or MONDRIAN_DB)")
     url = f"sqlite:///file:{db_path.as_posix()}?mode=ro&uri=true"
-    return sa.create_engine(url, connect_args={"timeout": busy_timeout_s}, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s}, poolclass=sa.pool.NullPool)
+
+    @sa.event.listens_for(engine, "connect")
+    def _decode_leniently(dbapi_connection, _record) -> None:
+        # One row with bytes that are not UTF-8 must cost that row's text, not the whole read.
+        dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _explain(context: sa.engine.ExceptionContext) -> None:
+        problem = _database_problem(str(context.original_exception), db_path, busy_timeout_s)
+        if problem is not None:
+            raise AppDatabaseError(problem) from context.original_exception
+
+    return engine
+
+
+def _database_problem(message: str, db_path: Path, busy_timeout_s: float) -> str | None:
+    """What to tell the user for the SQLite errors a damaged or busy app database raises; None for others."""
+    if "locked" in message or "busy" in message:
+        return (f"the app database {db_path} stayed locked by another writer for more than {busy_timeout_s:g} s; "
+                "retry when the app is idle, or raise the resource's busy_timeout_s")  # fmt: skip
+    if "not a database" in message or "malformed" in message or "disk I/O error" in message:
+        return (f"the app database {db_path} is not a readable SQLite database ({message}); check that "
+                "MONDRIAN_DB points at the app's mondrian.db and restore it from a backup if it is damaged")  # fmt: skip
+    return None
 
 
 def table_columns(conn: sa.Connection, table: str) -> list[str]:

@@ -12,6 +12,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mondrian_assets.core import atomic
 
 APP_MAX_SIDE = 800  # the app shrinks every upload to at most 800 px on the long side before inference
+# Raster formats a photo upload comes in (JPEG includes the iPhone's multi-picture MPO files). Nothing else is
+# ever decoded: EPS and PDF, for one, would run Ghostscript on the app's files.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_IMAGE_PIXELS = 100_000_000  # twice a 48 MP phone photo; above it a file is a decompression bomb, not a photo
+MAX_IMAGE_BYTES = 200 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,19 @@ class ImageFacts:
 def inspect_image(path: Path) -> ImageFacts:
     """Hash the bytes and prove they decode; JPEGs decode at reduced scale (draft) so 12 MP photos stay cheap."""
     try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            return ImageFacts(None, error="image_too_large", detail=f"{size} bytes, at most {MAX_IMAGE_BYTES}")
         data = path.read_bytes()
     except OSError as exc:
         return ImageFacts(None, error="image_unreadable", detail=str(exc))
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PHOTO_FORMATS) as img:
             orientation = img.getexif().get(0x0112, 1)
             width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:  # checked from the header, before a single pixel is decoded
+                return ImageFacts(digest, error="image_too_large", detail=f"{width}x{height} px")
             img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             img.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -25,6 +25,7 @@ _ANALYSIS_KIND = "analysis.v2"  # bump when _Analysis changes shape: old cache e
 _CARD_KIND = "html_card.v1"  # the same, for analyses recovered from the older app's HTML cards
 HTML_CARD_SOURCE = "html_card"
 MIN_IMAGE_SIDE = 16  # the app's 1x1 test image and similar slivers carry nothing to learn from
+MAX_ANALYSIS_CHARS = 1_000_000  # real analyses, runaway repetition included, stay far below; never parse more
 
 RECORD_COLUMNS = [
     "job_id", "advisor", "image_path", "image_sha256", "width", "height", "analysis_source", "analysis_path",
@@ -143,6 +144,7 @@ class _Stored:
     read: Callable[[], str]
     key: Callable[[str], str | None]
     path: Path | None
+    size: int  # characters, or bytes for a file
 
 
 def _card(stored: _Stored, cache: LinkCache) -> _Analysis:
@@ -171,10 +173,15 @@ def _find_analysis(
                 if source != "fallback_file":
                     first_failure = first_failure or (_Analysis(None, error="file_not_found", detail=str(path)), source)
                 continue
-            stored = _Stored(source, lambda p=path: p.read_text("utf-8", "replace"), lambda kind, p=path: file_key(kind, p), path)
+            read, key = (lambda p=path: p.read_text("utf-8", "replace")), (lambda kind, p=path: file_key(kind, p))
+            stored = _Stored(source, read, key, path, path.stat().st_size)
         else:
             content = text or ""
-            stored = _Stored(source, lambda t=content: t, lambda kind, t=content: _text_key(kind, t), None)
+            stored = _Stored(source, lambda t=content: t, lambda kind, t=content: _text_key(kind, t), None, len(content))
+        if stored.size > MAX_ANALYSIS_CHARS:
+            too_large = _Analysis(None, error="too_large", detail=f"{stored.size} characters, at most {MAX_ANALYSIS_CHARS}")
+            first_failure = first_failure or (too_large, source)
+            continue
         result = _parse_cached(cache, stored.key(_ANALYSIS_KIND), lambda s=stored: _Analysis.of(parse_analysis(s.read())))
         if result.json is not None:
             return result, source, stored.path
@@ -200,6 +207,8 @@ def _find_analysis(
 
 
 def _candidate(job: JobRow, loc: Locations, cache: LinkCache, recover_html_cards: bool) -> _Candidate | Skip:
+    if not job.id:
+        return Skip(job.id, job.advisor, "job_id_missing", "the row has no id")
     if not job.finished:
         return Skip(job.id, job.advisor, "not_finished", f"status={job.status!r}")
     advisor = _single_advisor(job.advisor)
@@ -245,7 +254,12 @@ def link_jobs(
     `recover_html_cards`: read the older app's HTML cards (core/data/html_card.py) where no JSON analysis parses."""
     skips: list[Skip] = []
     candidates: list[_Candidate] = []
+    seen_ids: set[str | None] = set()
     for job in jobs:
+        if job.id in seen_ids:  # `jobs.id` is the app's primary key; a copy of a row is not a second example
+            skips.append(Skip(job.id, job.advisor, "duplicate_job_id", "an earlier row has the same id"))
+            continue
+        seen_ids.add(job.id)
         outcome = _candidate(job, loc, cache, recover_html_cards)
         (skips if isinstance(outcome, Skip) else candidates).append(outcome)
 
