@@ -15,6 +15,68 @@ link_cache_table = sa.Table(
 )
 
 
+# --- the model registry (core/registry/): the rows are the truth, files and the active pointer follow them ---
+VERSION_STATUSES = ("candidate", "active", "retired", "rejected")
+DEPLOYMENT_ACTIONS = ("promote", "reject", "rollback", "pin", "unpin")
+
+model_versions_table = sa.Table(
+    "model_versions",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("advisor", sa.Text, nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),  # sha256 of what mlx_vlm.load reads: config + weights
+    sa.Column("base_model", sa.Text, nullable=False),
+    sa.Column("data_version", sa.Text, nullable=False),  # the training split's data version
+    sa.Column("fingerprint", sa.Text, nullable=False),  # the training run's config + data fingerprint
+    sa.Column("metrics", sa.Text, nullable=False),  # JSON: the fine-tuned metrics of the deciding evaluation
+    sa.Column("eval_report", sa.Text),  # the report copied into the version dir
+    sa.Column("gates_passed", sa.Boolean, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("pinned", sa.Boolean, nullable=False, default=False),
+    sa.Column("path", sa.Text, nullable=False),  # models/versions/<advisor>-v<N>, absolute
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("pruned_at", sa.Text),  # retention removed the files; the row stays as history
+    sa.UniqueConstraint("advisor", "number"),
+    sa.UniqueConstraint("advisor", "content_hash"),
+    sa.CheckConstraint(f"status IN {VERSION_STATUSES}", name="known_status"),
+)
+# backstops for the decision logic: never two active or two pinned versions of one advisor
+sa.Index("one_active_per_advisor", model_versions_table.c.advisor, unique=True,
+         sqlite_where=model_versions_table.c.status == "active")  # fmt: skip
+sa.Index("one_pin_per_advisor", model_versions_table.c.advisor, unique=True,
+         sqlite_where=model_versions_table.c.pinned == sa.true())  # fmt: skip
+
+deployments_table = sa.Table(
+    "deployments",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("advisor", sa.Text, nullable=False),
+    sa.Column("from_version", sa.Integer),  # the active version before (None: there was none)
+    sa.Column("to_version", sa.Integer),  # the version acted on (a rejected candidate for `reject`)
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False),  # JSON list of sentences
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON: report, gates, val data, candidate vs active
+    sa.Column("evidence_key", sa.Text),  # one decision per (candidate, evidence): re-runs change nothing
+    sa.Column("actor", sa.Text, nullable=False),  # a Dagster run id or `cli:<user>`
+    sa.Column("at", sa.Text, nullable=False),
+    sa.CheckConstraint(f"action IN {DEPLOYMENT_ACTIONS}", name="known_action"),
+)
+sa.Index("one_decision_per_evidence", deployments_table.c.advisor, deployments_table.c.to_version,
+         deployments_table.c.evidence_key, unique=True,
+         sqlite_where=deployments_table.c.evidence_key.is_not(None))  # fmt: skip
+
+version_evaluations_table = sa.Table(
+    "version_evaluations",
+    _metadata,
+    sa.Column("content_hash", sa.Text, primary_key=True),
+    sa.Column("val_sha256", sa.Text, primary_key=True),  # the validation file's content
+    sa.Column("settings_key", sa.Text, primary_key=True),  # base model, max tokens, batch, seed, examples
+    sa.Column("results", sa.Text, nullable=False),  # JSON list of per-example outcomes
+    sa.Column("created_at", sa.Text, nullable=False),
+)
+
+
 def state_engine(state_db: Path) -> sa.Engine:
     """Our own SQLite file (never the app's): created on first use."""
     state_db.parent.mkdir(parents=True, exist_ok=True)
