@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from mondrian_assets import registry_commands
 from mondrian_assets.core.locations import Locations
 
 
@@ -118,7 +119,8 @@ def _trained_summary(loc: Locations, advisor: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: demo data, link, split every advisor, train every advisor that has a val set."""
+    """The README's main job: demo data, link, split every advisor, then train, evaluate and deploy every advisor
+    that has a val set."""
     from mondrian_assets.core.data.linker import summary_text
     from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 
@@ -129,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary_text(json.loads(loc.manifest_path.read_text())))
     advisors = args.advisor or sorted(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
     outcome: dict[str, str] = {}
+    deploy: dict[str, str] = {}
     errors = 0
     for advisor in advisors:
         if _run_job("split_job", instance, advisor) != "ok":
@@ -139,16 +142,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elif args.skip_training:
             outcome[advisor] = "not trained (--skip-training)"
         else:
+            decided_before = registry_commands.decision_count(loc, advisor)
             status = _run_job("train_job", instance, advisor)
             errors += status == "failed"
             notes = {"ok": "", "gated": "  [a gate failed: not deployable]", "failed": "  [failed: see above]"}
             outcome[advisor] = _trained_summary(loc, advisor) + notes[status]
+            deploy[advisor] = registry_commands.decision_since(loc, advisor, decided_before) if status == "ok" else "not deployed"
 
     print("\nadvisor      train   val  data version      base -> fine-tuned")
     for advisor in advisors:
         meta = _split_counts(loc, advisor)
         counts = meta["counts"]
         print(f"  {advisor:<10} {counts.get('train', 0):>5} {counts.get('val', 0):>5}  {meta['data_version']:<16}  {outcome[advisor]}")
+        if advisor in deploy:
+            print(f"  {'':<10} deploy: {deploy[advisor]}")
     print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: ./dev ui)")
     return 1 if errors else 0  # a gate verdict is a result, not an error
 
@@ -219,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="evaluate at most this many examples")
     p.add_argument("--out", help="report folder (default: evaluation/<advisor>/recheck-<adapter dir name>)")
     p.set_defaults(func=cmd_evaluate)
+
+    registry_commands.add_commands(sub, common)
 
     p = sub.add_parser("ui", parents=[common], help="open the Dagster web UI on this project's instance")
     p.add_argument("--port", type=int, default=3000)

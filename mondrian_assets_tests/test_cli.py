@@ -21,7 +21,7 @@ def cli(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for command in ("demo-data", "link", "demo", "evaluate", "ui"):
+    for command in ("demo-data", "link", "demo", "evaluate", "status", "versions", "rollback", "pin", "unpin", "ui"):
         assert command in text
     assert "MONDRIAN_APP_DIR" in text
 

@@ -1,10 +1,5 @@
-"""The registry on a real SQLite state DB with real adapter folders (safetensors written by MLX) and real reports.
+"""The registry on a real SQLite state DB with real adapter folders and reports (see registry_helpers)."""
 
-Each candidate's report is what `eval_report` writes: gates and per-example outcomes. The active version's outcomes
-on the same examples come from its own copied report (same validation data), so decisions here are exact.
-"""
-
-import json
 import shutil
 import stat
 import subprocess
@@ -12,107 +7,29 @@ import sys
 import threading
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 import pytest
-import sqlalchemy as sa
 
-from mondrian_assets.core.registry import versions as registry_versions
 from mondrian_assets.core.registry.decisions import (
     WORST_ERROR,
     candidate_vs_active,
-    deploy_candidate,
     pin,
     rollback,
     unpin,
 )
-from mondrian_assets.core.registry.evidence import ExampleOutcome, read_evidence
-from mondrian_assets.core.registry.pointer import pointer_path, point_to, read_pointer
+from mondrian_assets.core.registry.evidence import ExampleOutcome
+from mondrian_assets.core.registry.pointer import point_to, pointer_path
 from mondrian_assets.core.registry.status import registry_status
 from mondrian_assets.core.registry.versions import (
     ADAPTER_FILES,
     RegistryError,
-    Version,
     active_version,
     adapter_content_hash,
     deployments,
     list_versions,
     register_version,
 )
-from mondrian_assets.core.state_db import deployments_table, model_versions_table, state_engine
-
-REFERENCES = [7.0, 5.0, 8.0, 6.0]
-
-
-def make_adapter(root: Path, seed: int) -> Path:
-    """An adapter folder as training writes it; `seed` makes its weights (its content) distinct."""
-    folder = root / f"adapter-{seed}"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    mx.save_safetensors(str(folder / "adapters.safetensors"), {"lora_a": mx.array(rng.normal(size=(8, 4)).astype(np.float32))})
-    config = {"base_model": "base-model", "data_version": "d1", "fingerprint": f"run-{seed}", "rank": 4}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    (folder / "training_args.json").write_text(json.dumps({"seed": seed}))
-    (folder / "training_log.jsonl").write_text(json.dumps({"step": 1, "val_loss": 1.0}) + "\n")
-    return folder
-
-
-def make_report(root: Path, name: str, errors: list[float | None], *, gates: list[bool] | None = None) -> Path:
-    """A comparison report: per example the absolute error of the fine-tuned score (None: invalid output)."""
-    val = root / "val.json"
-    if not val.exists():
-        val.write_text(json.dumps([{"image_path": f"{i}.jpg", "prompt": "p", "response": "r"} for i in range(4)]))
-    gates = [True, True, True] if gates is None else gates
-    samples = [
-        {"example_id": f"ex{i}", "reference": {"valid": True, "overall_score": ref},
-         "fine_tuned_model": {"valid": err is not None, "overall_score": None if err is None else ref + err}}
-        for i, (ref, err) in enumerate(zip(REFERENCES, errors, strict=True))
-    ]  # fmt: skip
-    report = {
-        "evaluation_date": "2026-12-02T10:00:00+00:00",
-        "validation_data": str(val),
-        "settings": {"max_examples": None, "max_tokens": 64, "batch_size": 4, "seed": 0},
-        "metrics": {"fine_tuned_model": {"format_compliance": sum(e is not None for e in errors) / len(errors)}},
-        "gates": [{"name": f"gate{i}", "passed": ok, "message": f"gate{i} {'passed' if ok else 'failed'}"}
-                  for i, ok in enumerate(gates)],  # fmt: skip
-        "sample_results": samples,
-    }
-    path = root / "reports" / name / "comparison_report.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(report))
-    return path
-
-
-def own_report_outcomes(version: Version) -> list[ExampleOutcome]:
-    """A version's outcomes on the (unchanged) validation data: what its copied report recorded."""
-    return read_evidence(version.path / "comparison_report.json", version.content_hash).outcomes
-
-
-class Registry:
-    def __init__(self, tmp_path: Path):
-        self.root = tmp_path
-        self.models = tmp_path / "home" / "models"
-        self.engine = state_engine(tmp_path / "home" / "state.db")
-        self.evaluated: list[str] = []
-
-    def evaluate(self, version: Version) -> list[ExampleOutcome]:
-        self.evaluated.append(version.name)
-        return own_report_outcomes(version)
-
-    def candidate(self, seed: int, errors: list[float | None], gates: list[bool] | None = None) -> tuple[Path, Path]:
-        return make_adapter(self.root / "adapters", seed), make_report(self.root, f"r{seed}", errors, gates=gates)
-
-    def deploy(self, adapter: Path, report: Path, advisor: str = "weston", keep_last: int = 5):
-        evidence = read_evidence(report, adapter_content_hash(adapter))
-        return deploy_candidate(self.engine, self.models, advisor, adapter, evidence, evaluate=self.evaluate,
-                                actor="test", keep_last=keep_last)  # fmt: skip
-
-    def rows(self, table: sa.Table) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
-
-    def pointer(self, advisor: str = "weston") -> str | None:
-        return read_pointer(self.models, advisor)
+from mondrian_assets.core.state_db import deployments_table, model_versions_table
+from mondrian_assets_tests.registry_helpers import Registry
 
 
 @pytest.fixture
@@ -279,7 +196,7 @@ from mondrian_assets.core.registry import versions
 from mondrian_assets.core.registry.decisions import deploy_candidate
 from mondrian_assets.core.registry.evidence import read_evidence
 from mondrian_assets.core.state_db import state_engine
-from mondrian_assets_tests.test_registry import own_report_outcomes
+from mondrian_assets_tests.registry_helpers import own_report_outcomes
 
 state_db, models, adapter, report, point = sys.argv[1:]
 versions.crash_hook = lambda name: os._exit(77) if name == point else None
@@ -294,7 +211,7 @@ def test_a_crash_between_any_two_steps_leaves_the_old_or_the_new_version(reg, po
     reg.deploy(*reg.candidate(1, [1.0] * 4))
     adapter, report = reg.candidate(2, [0.5] * 4)
     repo = Path(__file__).resolve().parent.parent
-    args = [str(reg.root / "home" / "state.db"), str(reg.models), str(adapter), str(report), point]
+    args = [str(reg.root / "home" / "mondrian_assets.db"), str(reg.models), str(adapter), str(report), point]
     crashed = subprocess.run([sys.executable, "-c", _CRASHING_DEPLOY, *args], cwd=repo, capture_output=True, text=True)
     assert crashed.returncode == 77, crashed.stderr[-2000:]  # killed at that very point, no cleanup ran
 

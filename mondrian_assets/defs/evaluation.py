@@ -1,4 +1,7 @@
-"""`eval_report`: base vs fine-tuned on the advisor's validation split; the plan's gates as blocking checks."""
+"""`eval_report`: base vs fine-tuned on the advisor's validation split; the plan's gates as checks.
+
+The gate checks do not block: `deployed_version` reads the gate results from the report and records a failed
+one as a rejection (see defs/deployment.py), so every candidate gets a decision in the same run."""
 
 import base64
 from collections.abc import Iterator
@@ -9,6 +12,7 @@ from pydantic import Field
 
 from mondrian_assets.core.evaluation.gates import GateThresholds
 from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
+from mondrian_assets.core.registry.versions import adapter_content_hash
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MondrianDatabase
 
@@ -34,12 +38,12 @@ class EvalRunConfig(dg.Config):
 
 
 GATE_CHECKS = [
-    dg.AssetCheckSpec("format_compliance", asset="eval_report", blocking=True,
+    dg.AssetCheckSpec("format_compliance", asset="eval_report",
                       description="Fine-tuned outputs that parse and validate: at least the configured share (95%)."),
-    dg.AssetCheckSpec("score_mae_vs_base", asset="eval_report", blocking=True,
+    dg.AssetCheckSpec("score_mae_vs_base", asset="eval_report",
                       description="Fine-tuned overall-score MAE no worse than the base (or, with no valid base "
                                   "output, strictly better than always answering the training mean)."),
-    dg.AssetCheckSpec("inference_overhead", asset="eval_report", blocking=True,
+    dg.AssetCheckSpec("inference_overhead", asset="eval_report",
                       description="The fine-tuned model decodes less than 10% slower than the base."),
 ]  # fmt: skip
 
@@ -71,10 +75,10 @@ def eval_report(
     lora_adapter: dict, train_split: dict, val_split: dict,
 ) -> Iterator[dg.Output | dg.AssetCheckResult]:  # fmt: skip
     """Is the fine-tuned model better than the base, and by how much? Writes
-    evaluation/<advisor>/comparison_report.json and review.html; a failed gate blocks deployment, but the report
-    still materializes for review."""
+    evaluation/<advisor>/comparison_report.json and review.html; `deployed_version` decides on its gates."""
     advisor = context.partition_key
     out_dir = mondrian_db.locations().evaluation / advisor
+    adapter_sha256 = adapter_content_hash(Path(lora_adapter["adapter_dir"]))  # what is evaluated, for the registry
     outcome = evaluate_adapter(
         lora_adapter["base_model"], Path(lora_adapter["adapter_dir"]), Path(val_split["json"]),
         Path(train_split["json"]), out_dir, config.settings(), log=context.log.info,
@@ -84,7 +88,7 @@ def eval_report(
     base, tuned = metrics["base_model"], metrics["fine_tuned_model"]
     yield dg.Output(
         {"advisor": advisor, "report": str(outcome.paths.report_json), "review": str(outcome.paths.review_html),
-         "adapter_dir": lora_adapter["adapter_dir"], "data_version": val_split["data_version"],
+         "adapter_dir": lora_adapter["adapter_dir"], "adapter_sha256": adapter_sha256, "data_version": val_split["data_version"],
          "gates_passed": all(g.passed for g in outcome.gates)},
         metadata={
             "verdict": outcome.verdict,
