@@ -1,9 +1,12 @@
 """`mondrian-assets status / versions / rollback / pin / unpin` as a user runs them, on a registry of real adapters."""
 
+import json
+
 import pytest
 
 from mondrian_assets.core.registry.pointer import point_to
-from mondrian_assets.core.registry.versions import active_version, deployments
+from mondrian_assets.core.registry.versions import active_version, deployments, list_versions
+from mondrian_assets.core.state_db import state_engine
 from mondrian_assets_tests.registry_helpers import Registry
 from mondrian_assets_tests.test_cli import cli
 
@@ -57,3 +60,27 @@ def test_rollback_pin_unpin_from_the_command_line(home):
     assert cli(home_dir, "unpin", "--advisor", "weston").returncode == 0
     nothing = cli(home_dir, "unpin", "--advisor", "weston")
     assert nothing.returncode == 2 and "not pinned" in nothing.stderr
+
+
+@pytest.mark.slow
+def test_the_main_job_deploys_each_advisor_and_a_second_run_changes_nothing(tmp_path):
+    advisors = ("ansel", "weston")
+    args = [a for advisor in advisors for a in ("--advisor", advisor)]
+    first = cli(tmp_path, "demo", *args, timeout=1800)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("deploy: ") == len(advisors)
+    engine = state_engine(tmp_path / "mondrian_assets.db")
+    status = cli(tmp_path, "status").stdout
+    for advisor in advisors:
+        report = json.loads((tmp_path / "evaluation" / advisor / "comparison_report.json").read_text())
+        passed = all(g["passed"] for g in report["gates"])
+        [version] = list_versions(engine, advisor)
+        assert version.gates_passed == passed and (version.status == "active") == passed
+        line = next(line for line in status.splitlines() if line.startswith(f"{advisor} "))
+        assert line.split()[2] == (f"{advisor}-v1" if passed else "-")
+
+    before = {a: (len(list_versions(engine, a)), len(deployments(engine, a))) for a in advisors}
+    second = cli(tmp_path, "demo", *args, timeout=1800)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("deploy: unchanged") == len(advisors)
+    assert {a: (len(list_versions(engine, a)), len(deployments(engine, a))) for a in advisors} == before
