@@ -22,9 +22,11 @@ from mondrian_assets.core.training.config import (
     load_processor,
     validate_config,
 )
-from mondrian_assets.core.training.examples import encode_example
+from mondrian_assets.core.training.examples import collate, encode_example
 from mondrian_assets.core.training.isolation import run_training_subprocess
-from mondrian_assets.core.training.loop import learning_rate_schedule, train_lora
+from mondrian_assets.core.training.loop import learning_rate_schedule, loss_fn, train_lora
+from mondrian_assets.core.training.lora import load_trainable_model
+from mondrian_assets.core.training.speed import speed_options
 from mondrian_assets.demo.tiny_model import SPEC_FILE, TinyModelSpec, build_tiny_base_model
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
@@ -127,6 +129,37 @@ def test_answer_only_mask_covers_exactly_the_answer(data, config):
 
     everything = encode_example(processor, model_config, row, replace(config, answer_only_loss=False))
     assert everything.loss_mask[: first].sum() > 0 and not everything.loss_mask[image_positions].any()
+
+
+def test_speed_levers_leave_the_loss_and_its_gradients_unchanged(data, config):
+    """Padding to shape buckets, projecting only the target rows and feeding the logits uncast (the GPU defaults)
+    compute what the plain full-vocabulary loss computes."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    processor = load_processor(data["base"])
+    model_config = json.loads((data["base"] / "config.json").read_text())
+    rows = [json.loads(line) for line in data["train"].read_text().splitlines()[:3]]
+    examples = [encode_example(processor, model_config, row, config) for row in rows]
+    plain = speed_options(length_multiple=1, answer_only_projection=False, upcast_logits=True)
+    fast = speed_options(length_multiple=16, answer_only_projection=True, upcast_logits=False)
+    model, _, _ = load_trainable_model(config, fast)
+    mx.random.seed(3)  # non-zero B, so every LoRA matrix gets a gradient
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    results = []
+    for options in (plain, fast):
+        batch = collate(examples, processor.tokenizer.pad_token_id, options.length_multiple)
+        assert batch["targets"] == sum(int(e.loss_mask[1:].sum()) for e in examples)
+        assert batch["input_ids"].shape[1] % options.length_multiple == 0
+        results.append(loss_and_grad(model, batch, 1.0 / batch["targets"], options))
+    (plain_loss, plain_grads), (fast_loss, fast_grads) = results
+    assert fast_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    pairs = list(zip(tree_flatten(plain_grads), tree_flatten(fast_grads), strict=True))
+    assert len(pairs) == 2 * 7 * SMALL.num_layers
+    for (name, a), (_, b) in pairs:
+        assert mx.abs(a).max().item() > 0, name
+        assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
 
 
 def test_validation_names_the_problem(data, config, tmp_path):

@@ -180,22 +180,43 @@ def _model_inputs(processor: Any, model_config: dict, text: str, images: list[st
         raise TrainingConfigError(f"{where}: the processor rejected the example: {exc}") from exc
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-pad a batch; padding is neither attended to by real tokens (causal) nor a target."""
+def collate(examples: list[Example], pad_id: int, length_multiple: int = 1) -> dict:
+    """Right-pad a batch; padding is neither attended to by real tokens (causal) nor a target.
+
+    With `length_multiple` > 1 the length is rounded up to a multiple of it, and so is the number of target
+    rows (padded with position 0 at weight 0): a GPU builds its kernels per shape, so a few shapes beat many.
+    `target_positions` are the flat positions in the (batch, length - 1) inputs whose next token is a target;
+    `targets` counts them as a host int, so weighting a micro-batch never waits on the device.
+    """
     import mlx.core as mx
 
-    length = max(len(e.input_ids) for e in examples)
+    length = _round_up(max(len(e.input_ids) for e in examples), length_multiple)
     ids = np.full((len(examples), length), pad_id, np.int32)
     mask = np.zeros((len(examples), length), np.int32)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = e.input_ids
         mask[row, : len(e.loss_mask)] = e.loss_mask
-    batch = {"input_ids": mx.array(ids), "loss_mask": mx.array(mask), "pixel_values": None, "image_grid_thw": None}
+    positions = np.flatnonzero(mask[:, 1:])
+    rows = max(_round_up(len(positions), length_multiple), 1)
+    weights = np.zeros(rows, np.float32)
+    weights[: len(positions)] = 1.0
+    batch = {
+        "input_ids": mx.array(ids),
+        "target_positions": mx.array(np.pad(positions, (0, rows - len(positions))).astype(np.int32)),
+        "target_weights": mx.array(weights),
+        "targets": len(positions),
+        "pixel_values": None,
+        "image_grid_thw": None,
+    }
     with_images = [e for e in examples if e.pixel_values is not None]
     if with_images:
         batch["pixel_values"] = mx.array(np.concatenate([e.pixel_values for e in with_images]))
         batch["image_grid_thw"] = mx.array(np.concatenate([e.image_grid_thw for e in with_images]))
     return batch
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def micro_batch(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:

@@ -43,40 +43,54 @@ from mondrian_assets.core.training.config import (
     resolve_base_model,
 )
 from mondrian_assets.core.training.examples import Example, collate, micro_batch, prepare_examples
-from mondrian_assets.core.training.lora import apply_lora, count_trainable, load_base
+from mondrian_assets.core.training.lora import count_trainable, load_trainable_model
+from mondrian_assets.core.training.speed import SpeedOptions, speed_options
 
 # --- loss ----------------------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Any, batch: dict) -> tuple[Any, Any]:
-    """Mean next-token cross-entropy over the target tokens; also returns their count."""
+def loss_fn(model: Any, batch: dict, scale: float, options: SpeedOptions) -> Any:
+    """`scale` times the summed next-token cross-entropy over the batch's target tokens.
+
+    With `scale` = 1 / (target tokens of the whole optimizer step), the gradients of the micro-batches simply add
+    up to those of the token-weighted mean: no per-gradient rescaling, no device value read back on the host.
+    """
     import mlx.core as mx
-    import mlx.nn as nn
 
     inputs, targets = batch["input_ids"][:, :-1], batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].astype(mx.float32)
-    output = model(inputs, batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-    logits = output.logits.astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    ntoks = mask.sum()
-    return losses.sum() / mx.maximum(ntoks, 1.0), ntoks
+    positions = batch["target_positions"]
+    if options.answer_only_projection:
+        lm = model.language_model
+        hidden = model.hidden_state_at_layer(
+            inputs, len(lm.model.layers), batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]
+        )
+        hidden = lm.model.norm(hidden)
+        rows = hidden.reshape(-1, hidden.shape[-1])[positions]
+        logits = lm.model.embed_tokens.as_linear(rows) if lm.args.tie_word_embeddings else lm.lm_head(rows)
+    else:
+        logits = model(inputs, batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
+    if options.upcast_logits:
+        logits = logits.astype(mx.float32)
+    losses = mx.fast.cross_entropy(logits, targets.reshape(-1)[positions])
+    return (losses * batch["target_weights"]).sum() * scale
 
 
-def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean loss over `examples` (dropout off)."""
+def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, options: SpeedOptions) -> float:
+    """Token-weighted mean loss over `examples` (dropout off); one host read at the end."""
     import mlx.core as mx
 
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0.0
+    total, count = mx.array(0.0), 0
     for start in range(0, len(examples), batch_size):
-        loss, ntoks = loss_fn(model, collate(examples[start : start + batch_size], pad_id))
-        mx.eval(loss, ntoks)
-        total += loss.item() * ntoks.item()
-        count += ntoks.item()
+        batch = collate(examples[start : start + batch_size], pad_id, options.length_multiple)
+        total = total + loss_fn(model, batch, 1.0, options)
+        count += batch["targets"]
+        mx.eval(total)
     if was_training:
         model.train()
-    return total / max(count, 1.0)
+    return total.item() / max(count, 1)
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> Callable[[Any], Any]:
@@ -95,6 +109,72 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> Callable[[A
     return optim.join_schedules([ramp, main], [warmup])
 
 
+def make_optimizer(config: TrainConfig, total_steps: int, model: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """AdamW over the trainable parameters with the configured warm-up and schedule."""
+    import mlx.optimizers as optim
+
+    schedule = learning_rate_schedule(config, total_steps)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    return optimizer, schedule
+
+
+# --- the step ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: Any  # the step's mean loss over its target tokens, an evaluated mx.array (read it only when reporting)
+    targets: int  # target tokens
+    tokens: int  # input tokens, padding not counted
+
+
+class TrainStep:
+    """One optimizer step: `grad_accumulation` micro-batches, clipping, the AdamW update, one evaluation.
+
+    Batch contents and dropout draws depend only on the seed and the position in the stream, so a resumed run sees
+    exactly what an uninterrupted one saw. Nothing waits on the device but the final evaluation.
+    """
+
+    def __init__(
+        self, model: Any, optimizer: Any, train_set: list[Example], config: TrainConfig, pad_id: int,
+        options: SpeedOptions,
+    ) -> None:  # fmt: skip
+        import mlx.nn as nn
+
+        self.model, self.optimizer, self.train_set = model, optimizer, train_set
+        self.config, self.pad_id, self.options = config, pad_id, options
+        self.loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def __call__(self, step: int) -> StepStats:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        config = self.config
+        first = step * config.grad_accumulation
+        micro = [
+            [self.train_set[i] for i in micro_batch(len(self.train_set), config.batch_size, config.seed, index)]
+            for index in range(first, first + config.grad_accumulation)
+        ]
+        batches = [collate(examples, self.pad_id, self.options.length_multiple) for examples in micro]
+        targets = sum(b["targets"] for b in batches)
+        grads, loss = None, mx.array(0.0)
+        for index, batch in enumerate(batches, first):
+            if config.lora_dropout > 0:  # the only random draws of a step
+                mx.random.seed(config.seed * 1_000_003 + index)
+            value, g = self.loss_and_grad(self.model, batch, 1.0 / max(targets, 1), self.options)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss = loss + value
+            if index < first + len(batches) - 1:
+                mx.async_eval(grads)  # bounds the graph to one micro-batch without waiting for it
+        if config.max_grad_norm is not None:
+            grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss)
+        return StepStats(loss, targets, sum(len(e.input_ids) for examples in micro for e in examples))
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -109,8 +189,6 @@ def train_lora(
 ) -> TrainResult:
     """Fine-tune a LoRA adapter and write it to `out_dir` (atomically). Resumes from a matching checkpoint."""
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
     started = time.perf_counter()
@@ -121,7 +199,8 @@ def train_lora(
     run_dir = checkpoint_root(out_dir) / fingerprint
 
     # Load the base and its processor, tokenize the data, freeze the base, attach LoRA.
-    model, processor = load_base(config)
+    options = speed_options()
+    model, processor, adapter_config = load_trainable_model(config, options)
     model_config = read_model_config(resolve_base_model(config.base_model))
     train_set = prepare_examples(processor, model_config, train_jsonl, config)
     val_set = prepare_examples(processor, model_config, val_jsonl, config) if val_jsonl and val_jsonl.exists() else []
@@ -129,19 +208,12 @@ def train_lora(
         raise TrainingConfigError(f"the training set {train_jsonl} is empty")
     tokenizer = processor.tokenizer
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    adapter_config = apply_lora(model, config)
-    if config.grad_checkpointing:
-        from mlx_vlm.trainer import grad_checkpoint
-
-        grad_checkpoint(model.language_model.model.layers[0])
     trainable = count_trainable(model)
 
     # AdamW with warm-up and schedule; continue from this run's latest checkpoint if there is one.
     micro_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.iters or math.ceil(config.epochs * micro_per_epoch / config.grad_accumulation)
-    schedule = learning_rate_schedule(config, total_steps)
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    optimizer, schedule = make_optimizer(config, total_steps, model)
     state, best = LoopState(), dict(tree_flatten(model.trainable_parameters()))
     if (checkpoint := latest_checkpoint(run_dir)) is not None:
         best, state = load_checkpoint(checkpoint, model, optimizer)
@@ -149,28 +221,22 @@ def train_lora(
     log = TrainingLog(run_dir / "training_log.jsonl", state.log, on_report)
 
     if state.step == 0 and val_set:
-        state.first_val_loss = track_validation(model, val_set, state, best, config, pad_id)
+        state.first_val_loss = track_validation(model, val_set, state, best, config, pad_id, options)
         log.write({"step": 0, "epoch": 0.0, "val_loss": state.first_val_loss, "trainable_params": trainable})
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    train_step = TrainStep(model, optimizer, train_set, config, pad_id, options)
     window = Window(time.perf_counter())
     while state.step < total_steps and not state.stopped_early:
         tick = time.perf_counter()
-        grads, loss_sum, targets, tokens = accumulate_gradients(
-            model, loss_and_grad, train_set, config, state.step, pad_id
-        )
-        if config.max_grad_norm is not None:
-            grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+        stats = train_step(state.step)
         state.step += 1
         seconds = time.perf_counter() - tick
-        state.trained_tokens, state.train_seconds = state.trained_tokens + tokens, state.train_seconds + seconds
-        window.add(loss_sum, targets, tokens, seconds)
+        state.trained_tokens, state.train_seconds = state.trained_tokens + stats.tokens, state.train_seconds + seconds
+        window.add(stats, seconds)
 
         val_loss = None
         if state.step % config.eval_interval == 0 or state.step == total_steps:
-            val_loss = track_validation(model, val_set, state, best, config, pad_id)
+            val_loss = track_validation(model, val_set, state, best, config, pad_id, options)
         if state.step % config.report_interval == 0 or val_loss is not None or state.stopped_early:
             entry = window.flush(state.step, total_steps - state.step, state.step - resumed_from)
             entry |= {
@@ -221,44 +287,17 @@ def train_lora(
     return result
 
 
-def accumulate_gradients(
-    model: Any, loss_and_grad: Callable, train_set: list[Example], config: TrainConfig, step: int, pad_id: int
-) -> tuple[dict, float, float, int]:
-    """Gradients of one optimizer step, averaged over the target tokens of its `grad_accumulation` micro-batches.
-
-    Returns (gradients, summed loss, target tokens, input tokens). Batch contents and dropout draws depend only on
-    the seed and the position in the stream, so a resumed run sees exactly what an uninterrupted one saw.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    grads: dict | None = None
-    loss_sum, targets, tokens = 0.0, 0.0, 0
-    for k in range(config.grad_accumulation):
-        index = step * config.grad_accumulation + k
-        mx.random.seed(config.seed * 1_000_003 + index)
-        examples = [train_set[i] for i in micro_batch(len(train_set), config.batch_size, config.seed, index)]
-        (loss, ntoks), g = loss_and_grad(model, collate(examples, pad_id))
-        g = tree_map(lambda x: x * ntoks, g)
-        grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-        mx.eval(loss, ntoks, grads)
-        loss_sum += loss.item() * ntoks.item()
-        targets += ntoks.item()
-        tokens += sum(len(e.input_ids) for e in examples)
-    assert grads is not None
-    return tree_map(lambda x: x / max(targets, 1.0), grads), loss_sum, targets, tokens
-
-
 def track_validation(
-    model: Any, val_set: list[Example], state: LoopState, best: dict, config: TrainConfig, pad_id: int
-) -> float | None:
+    model: Any, val_set: list[Example], state: LoopState, best: dict, config: TrainConfig, pad_id: int,
+    options: SpeedOptions,
+) -> float | None:  # fmt: skip
     """Evaluate; keep the best weights in `best` and count evaluations without improvement for early stopping."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     if not val_set:
         return None
-    value = evaluate(model, val_set, config.batch_size, pad_id)
+    value = evaluate(model, val_set, config.batch_size, pad_id, options)
     state.last_val_loss = value
     if state.best_val_loss is None or value < state.best_val_loss:
         state.best_val_loss, state.best_step, state.evals_without_improvement = value, state.step, 0
@@ -277,15 +316,15 @@ class Window:
     """Training statistics since the last report."""
 
     loop_started: float
-    loss_sum: float = 0.0
-    targets: float = 0.0
+    loss_sum: Any = 0.0  # an mx.array once a step was added: read back only at the report
+    targets: int = 0
     tokens: int = 0
     seconds: float = 0.0
 
-    def add(self, loss_sum: float, targets: float, tokens: int, seconds: float) -> None:
-        self.loss_sum += loss_sum
-        self.targets += targets
-        self.tokens += tokens
+    def add(self, stats: StepStats, seconds: float) -> None:
+        self.loss_sum = self.loss_sum + stats.loss * stats.targets
+        self.targets += stats.targets
+        self.tokens += stats.tokens
         self.seconds += seconds
 
     def flush(self, step: int, steps_left: int, steps_done_here: int) -> Report:
@@ -293,12 +332,12 @@ class Window:
 
         entry: Report = {
             "step": step,
-            "train_loss": self.loss_sum / max(self.targets, 1.0),
+            "train_loss": float(self.loss_sum) / max(self.targets, 1),
             "tokens_per_sec": self.tokens / max(self.seconds, 1e-9),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "eta_sec": steps_left * (time.perf_counter() - self.loop_started) / max(steps_done_here, 1),
         }
-        self.loss_sum, self.targets, self.tokens, self.seconds = 0.0, 0.0, 0, 0.0
+        self.loss_sum, self.targets, self.tokens, self.seconds = 0.0, 0, 0, 0.0
         return entry
 
 

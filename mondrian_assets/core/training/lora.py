@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError, resolve_base_model
+from mondrian_assets.core.training.speed import SpeedOptions
+
+
+def load_trainable_model(config: TrainConfig, options: SpeedOptions) -> tuple[Any, Any, dict]:
+    """Everything before the first step: the base in its training dtype with LoRA attached (`apply_lora`) and
+    gradient checkpointing if asked. Returns (model, processor, adapter_config)."""
+    model, processor = load_base(config)
+    adapter_config = apply_lora(model, config, options)
+    if config.grad_checkpointing:
+        from mlx_vlm.trainer import grad_checkpoint
+
+        grad_checkpoint(model.language_model.model.layers[0])  # patches the layer class: every layer
+    return model, processor, adapter_config
 
 
 def load_base(config: TrainConfig) -> tuple[Any, Any]:
@@ -27,7 +41,7 @@ def _training_dtype(name: str) -> Any:
     return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
 
 
-def apply_lora(model: Any, config: TrainConfig) -> dict:
+def apply_lora(model: Any, config: TrainConfig, options: SpeedOptions) -> dict:
     """Freeze the base, optionally quantize it, attach LoRA; return the adapter_config mlx_vlm.load reads back."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -68,6 +82,10 @@ def apply_lora(model: Any, config: TrainConfig) -> dict:
         except ValueError as exc:
             raise TrainingConfigError(f"target_modules {list(config.target_modules)}: {exc}") from exc
         keys = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+        if options.lora_in_activation_dtype:
+            for _, module in model.named_modules():
+                if type(module) is LoRALinear:
+                    module.__class__ = _activation_dtype_lora()  # same parameters, same saved adapter
     if config.train_vision:
         model.vision_tower.unfreeze()
     model.train()
@@ -93,3 +111,21 @@ def count_trainable(model: Any) -> int:
     from mlx.utils import tree_flatten
 
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+@functools.cache
+def _activation_dtype_lora() -> type:
+    """mlx-vlm's LoRALinear, computing its two small matmuls in the activations' dtype.
+
+    Its own forward multiplies the (bf16) input by the float32 A, which casts every adapted layer's input to a
+    float32 copy that the backward pass keeps: seven per decoder layer. Casting A and B down instead keeps them
+    float32 for the optimizer (mixed precision) and changes nothing where activations are float32 (the CPU).
+    """
+    from mlx_vlm.trainer.peft import LoRALinear
+
+    class ActivationDtypeLoRALinear(LoRALinear):
+        def __call__(self, x: Any) -> Any:
+            update = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+            return self.linear(x) + (self.scale * update).astype(x.dtype)
+
+    return ActivationDtypeLoRALinear
