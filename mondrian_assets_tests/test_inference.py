@@ -11,9 +11,13 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core import schema
+from mondrian_assets.core.evaluation.gates import evaluate_gates
+from mondrian_assets.core.evaluation.metrics import compare
+from mondrian_assets.core.evaluation.overhead import measure_overhead
+from mondrian_assets.core.evaluation.run import EvalSettings
 from mondrian_assets.core.inference import generate as inf
 from mondrian_assets.core.inference import loading
-from mondrian_assets.core.inference.records import EvalExample, LoopRule
+from mondrian_assets.core.inference.records import EvalExample, Generation, LoopRule
 from mondrian_assets.demo.tiny_model import build_tiny_base_model
 
 MAX_TOKENS = 48
@@ -153,6 +157,33 @@ def test_end_of_sequence_stops_both_paths(base_path, examples):
     for batch_size in (1, 2):
         out = inf.generate_analyses(silent, examples, max_tokens=MAX_TOKENS, batch_size=batch_size, warmup=False)
         assert [(g.text, g.generation_tokens, g.finish_reason) for g in out] == [("", 0, "stop")] * 2
+
+
+def test_overhead_runs_decode_the_same_number_of_tokens_even_past_end_of_sequence(base, base_path, examples):
+    silent = loading.load_for_inference(base_path, None)
+    norm = silent.model.language_model.model.norm
+    norm.weight = mx.zeros_like(norm.weight)  # left alone it would stop at once (see above)
+    measured = measure_overhead(base, silent, examples, repeats=2, tokens=8)
+    assert len(measured.base_s) == len(measured.tuned_s) == 2 and measured.pairs == 4
+    assert all(t > 0 for row in measured.base_s + measured.tuned_s for t in row)
+    with pytest.raises(ValueError, match="two repeats"):
+        measure_overhead(base, silent, examples, repeats=1, tokens=8)
+
+
+@pytest.mark.slow
+def test_overhead_gate_never_fires_on_two_identical_models(base, base_path, examples):
+    """Same weights, a separate copy: ten evaluations' worth of overhead measurements on this (shared, noisy)
+    machine must never block the candidate."""
+    twin = loading.load_for_inference(base_path, None)
+    defaults = EvalSettings()
+    for _ in range(10):
+        measured = measure_overhead(base, twin, examples[: defaults.overhead_prompts],
+                                    repeats=defaults.overhead_repeats, tokens=defaults.overhead_tokens)  # fmt: skip
+        print(f"overhead {measured.overhead:+.3f}, noise {measured.noise:.3f}")
+        outputs = [Generation(e.reference, 1.0, 10, 10.0, 10, 10.0) for e in examples]
+        comparison = compare(examples, outputs, outputs, [], overhead=measured)
+        result = next(g for g in evaluate_gates(comparison) if g.name == "inference_overhead")
+        assert result.passed, result.message
 
 
 def test_loop_guard_forces_end_of_sequence():

@@ -85,7 +85,11 @@ def test_report_json_has_the_plan_structure(evaluation):
     top = {"evaluation_date", "base_model", "lora_path", "validation_data", "metrics", "gates", "verdict"}
     top |= {"sample_results"}
     assert top <= set(data)
-    assert set(data["metrics"]) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements"}
+    assert set(data["metrics"]) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements", "paired",
+                                    "inference_overhead"}  # fmt: skip
+    paired = data["metrics"]["paired"]["fine_tuned_vs_base"]
+    assert paired["examples"] == 3 and paired["invalid_error"] == 9.0
+    assert "error of 9" in data["rules"]["score_comparison"] and "noise" in data["rules"]["inference_overhead"]
     for side in ("base_model", "fine_tuned_model"):
         keys = {"format_compliance", "avg_score", "overall_score_mae", "field_compliance", "latency_mean_s"}
         assert keys <= set(data["metrics"][side])
@@ -149,6 +153,7 @@ def test_review_html_structure_and_escaping(evaluation):
     assert ("job-2/fine-tuned", "dimensions") in parser.invalid_fields  # truncated output: every field invalid
     assert not any(key.startswith("job-0/fine-tuned") for key, _ in parser.invalid_fields)
     assert "verdict" in page and "FAIL" in page  # the fine-tuned model misses the 95 % format gate
+    assert "overall-score error of 9" in page  # the paired rule is stated where the numbers are
 
 
 def test_missing_image_is_reported_not_fatal(evaluation):

@@ -51,12 +51,8 @@ def comparison_chart_png(metrics: Comparison) -> bytes:
     colors = ["#999999", "#2a7ab0", "#d9a441"]
     compliance = [metrics.base.format_compliance, metrics.fine_tuned.format_compliance]
     _bars(left, labels[:2], compliance, colors[:2], "format compliance", (0, 1.05))
-    mae = [
-        metrics.base.overall_score_mae,
-        metrics.fine_tuned.overall_score_mae,
-        metrics.mean_baseline.overall_score_mae,
-    ]
-    _bars(right, labels, mae, colors, "overall-score MAE (lower is better)", None)
+    mae = [metrics.vs_base.mae_a, metrics.vs_base.mae_b, metrics.vs_mean_baseline.mae_a]
+    _bars(right, labels, mae, colors, "overall-score MAE, paired (lower is better)", None)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

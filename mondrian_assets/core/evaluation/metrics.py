@@ -4,9 +4,11 @@ Pure functions over plain records: no MLX, no Dagster, no I/O. Inference produce
 `EvalExample`s; everything here turns them into numbers a person can trust.
 
 Conventions
-- An output counts as *valid* only when `schema.parse_analysis` accepts it whole; score errors (MAE,
-  correlation, copy rate) are computed over valid outputs whose reference is also valid, and `scored_examples`
-  says how many that was. A model with no valid output has undefined (None) score metrics, never 0.
+- An output counts as *valid* only when `schema.parse_analysis` accepts it whole; each model's own score
+  errors (MAE, correlation, copy rate) are computed over its valid outputs whose reference is also valid, and
+  `scored_examples` says how many that was. A model with no valid output has undefined (None) score metrics,
+  never 0. Comparisons between models (and the gates) use the paired rule of `paired.py` instead: the same
+  examples for both, an invalid output counted as the worst possible error.
 - Improvements are fine-tuned minus base: positive is better for compliance and tokens/s, negative is
   better for MAE, latency and repetition.
 """
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from mondrian_assets.core import schema
+from mondrian_assets.core.evaluation.overhead import OverheadMeasurement
+from mondrian_assets.core.evaluation.paired import PairedComparison, overall_scores, paired_score_errors
 from mondrian_assets.core.inference.records import EvalExample, Generation, is_repetitive
 from mondrian_assets.core.schema import Analysis, ParseResult
 
@@ -262,30 +266,28 @@ def _delta(new: object, old: object) -> object:
     return None
 
 
-def _ratio_minus_one(new: float | None, old: float | None) -> float | None:
-    return new / old - 1.0 if new is not None and old else None
-
-
 _NOT_DELTAS = {"examples", "finish_reasons", "error_codes"}
 
 
 def improvements(base: ModelMetrics, fine_tuned: ModelMetrics) -> dict:
-    """Fine-tuned minus base for each numeric metric (None where either is undefined), plus overhead ratios:
-    `inference_overhead` = mean latency ratio - 1 (the plan's number); `decode_overhead` = per-token decode
-    time ratio - 1 (the adapter's own cost, independent of how long each model's answers are)."""
+    """Fine-tuned minus base for each numeric metric (None where either is undefined). Latencies here come from
+    each model's own generations; the inference overhead is measured apart (`overhead.py`)."""
     new, old = fine_tuned.as_dict(), base.as_dict()
-    out = {k: _delta(new[k], old[k]) for k in new if k not in _NOT_DELTAS}
-    out["inference_overhead"] = _ratio_minus_one(fine_tuned.latency_mean_s, base.latency_mean_s)
-    out["decode_overhead"] = _ratio_minus_one(fine_tuned.decode_s_per_token, base.decode_s_per_token)
-    return out
+    return {k: _delta(new[k], old[k]) for k in new if k not in _NOT_DELTAS}
 
 
 @dataclass(frozen=True)
 class Comparison:
+    """Per-model metrics, plus the paired score comparisons the gates use: A is the base (or the training-mean
+    baseline), B the fine-tuned model. `overhead` is None when it was not measured."""
+
     base: ModelMetrics
     fine_tuned: ModelMetrics
     mean_baseline: BaselineMetrics
     improvements: dict
+    vs_base: PairedComparison
+    vs_mean_baseline: PairedComparison
+    overhead: OverheadMeasurement | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -293,7 +295,10 @@ class Comparison:
             "fine_tuned_model": self.fine_tuned.as_dict(),
             "mean_baseline": self.mean_baseline.as_dict(),
             "improvements": self.improvements,
-        }
+            "paired": {"fine_tuned_vs_base": self.vs_base.as_dict(),
+                       "fine_tuned_vs_mean_baseline": self.vs_mean_baseline.as_dict()},
+            "inference_overhead": self.overhead.as_dict() if self.overhead is not None else None,
+        }  # fmt: skip
 
 
 def compare(
@@ -301,9 +306,17 @@ def compare(
     base: Sequence[Generation],
     fine_tuned: Sequence[Generation],
     train_references: Sequence[Analysis],
+    overhead: OverheadMeasurement | None = None,
 ) -> Comparison:
     base_metrics, ft_metrics = model_metrics(examples, base), model_metrics(examples, fine_tuned)
-    baseline = mean_baseline(train_references, parse_references(examples))
+    references = parse_references(examples)
+    baseline = mean_baseline(train_references, references)
+    reference_scores = overall_scores(references)
+    base_scores, ft_scores = (overall_scores([schema.parse_analysis(g.text).analysis for g in gens])
+                              for gens in (base, fine_tuned))  # fmt: skip
+    vs_base = paired_score_errors(reference_scores, base_scores, ft_scores)
+    vs_mean = paired_score_errors(reference_scores, [baseline.predicted_overall] * len(examples), ft_scores)
     deltas = improvements(base_metrics, ft_metrics)
-    deltas["overall_score_mae_vs_mean_baseline"] = _delta(ft_metrics.overall_score_mae, baseline.overall_score_mae)
-    return Comparison(base_metrics, ft_metrics, baseline, deltas)
+    deltas["overall_score_mae_paired"] = vs_base.b_minus_a
+    deltas["overall_score_mae_paired_vs_mean_baseline"] = vs_mean.b_minus_a
+    return Comparison(base_metrics, ft_metrics, baseline, deltas, vs_base, vs_mean, overhead)

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mondrian_assets.core import atomic, schema
-from mondrian_assets.core.evaluation.gates import GateResult
+from mondrian_assets.core.evaluation.gates import RULES, GateResult
 from mondrian_assets.core.evaluation.metrics import Comparison, invalid_fields
 from mondrian_assets.core.inference.records import EvalExample, Generation
 from mondrian_assets.core.schema import ParseResult
@@ -113,6 +113,7 @@ def build_report(
         "settings": settings or {},
         "metrics": rounded(comparison.as_dict()),
         "gates": [rounded(g.as_dict()) for g in gates],
+        "rules": RULES,
         "verdict": verdict,
         "sample_results": sample_results(examples, base_generations, fine_tuned_generations),
     }
@@ -140,7 +141,7 @@ _HEADLINE = (
     ("format_compliance", "format compliance"),
     ("valid_outputs", "valid outputs"),
     ("avg_score", "mean overall score"),
-    ("overall_score_mae", "overall-score MAE"),
+    ("overall_score_mae", "overall-score MAE (valid outputs only)"),
     ("dimension_score_mae_mean", "dimension-score MAE"),
     ("score_correlation", "score correlation"),
     ("example_score_copy_rate", "copied the prompt's example score"),
@@ -163,7 +164,10 @@ def _cell(value: object) -> str:
 
 def _headline_table(comparison: Comparison) -> str:
     base, ft, mean = comparison.base.as_dict(), comparison.fine_tuned.as_dict(), comparison.mean_baseline.as_dict()
-    rows = [
+    paired = (comparison.vs_base.mae_a, comparison.vs_base.mae_b, comparison.vs_mean_baseline.mae_a)
+    rows = [f"<tr><th>overall-score MAE, paired (invalid = {comparison.vs_base.invalid_error:g})</th>"
+            + "".join(_cell(v) for v in paired) + "</tr>"]
+    rows += [
         f"<tr><th>{_e(label)}</th>{_cell(base.get(key))}{_cell(ft.get(key))}{_cell(mean.get(key))}</tr>"
         for key, label in _HEADLINE
     ]
@@ -178,6 +182,11 @@ def _gates_list(gates: Sequence[GateResult]) -> str:
         for g in gates
     ]
     return f'<ul id="gates">{"".join(items)}</ul>'
+
+
+def _rules_list() -> str:
+    items = "".join(f"<li>{_e(text)}</li>" for text in RULES.values())
+    return f'<ul id="rules">{items}</ul>'
 
 
 def _thumbnail_src(image: Path, out_dir: Path) -> str | None:
@@ -286,7 +295,7 @@ def review_html(
         f"<p>Evaluated {_e(report['evaluation_date'])} on {_e(report['validation_data'])}, "
         f"{len(examples)} examples.</p>"
         f'<p class="verdict" id="verdict">{_e(report["verdict"])}</p>'
-        f"{_gates_list(gates)}{_headline_table(comparison)}{chart}"
+        f"{_gates_list(gates)}{_rules_list()}{_headline_table(comparison)}{chart}"
         f"<h2>Examples</h2>{_examples_table(examples, base, fine_tuned, out_dir)}"
         "</body></html>\n"
     )

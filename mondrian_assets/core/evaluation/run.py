@@ -9,24 +9,38 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from mondrian_assets.core.evaluation.charts import comparison_chart_png
 from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, evaluate_gates, verdict
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
+from mondrian_assets.core.evaluation.overhead import measure_overhead
 from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison_report
 from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples, max_tokens_for
-from mondrian_assets.core.inference.loading import load_for_inference
+from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
+from mondrian_assets.core.inference.records import Generation
 from mondrian_assets.core.schema import Analysis, parse_analysis
+from mondrian_assets.core.settings import bound_violations
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    max_examples: int | None = None  # None: the whole validation set
-    max_tokens: int | None = None  # None: the longest reference in tokens plus a margin
-    batch_size: int = 4
-    seed: int = 0
+    max_examples: Annotated[int | None, Field(ge=1, description=(
+        "Evaluate at most this many validation examples; empty: all."))] = None
+    max_tokens: Annotated[int | None, Field(ge=1, description=(
+        "Generation cap; empty: the longest reference in tokens plus a margin."))] = None
+    batch_size: Annotated[int, Field(ge=1, description="Validation examples decoded together (1: one by one).")] = 4
+    seed: Annotated[int, Field(ge=0, description="Decoding seed (greedy decoding uses it only for ties).")] = 0
+    overhead_prompts: Annotated[int, Field(ge=1, description=(
+        "Validation prompts the inference overhead is timed on."))] = 2
+    overhead_repeats: Annotated[int, Field(ge=2, description=(
+        "Interleaved base / fine-tuned rounds over those prompts (two or more: the noise is measured between them)."
+    ))] = 5
+    overhead_tokens: Annotated[int, Field(ge=1, description="Tokens each timed run decodes.")] = 16
     thresholds: GateThresholds = field(default_factory=GateThresholds)
 
 
@@ -55,22 +69,33 @@ def evaluate_adapter(
     settings: EvalSettings = EvalSettings(),
     log: Callable[[str], None] = print,
 ) -> EvalOutcome:
+    if problems := bound_violations(settings):
+        raise ValueError("evaluation settings: " + "; ".join(problems))
     examples = load_eval_examples(val_json, limit=settings.max_examples)
     if not examples:
         raise ValueError(f"{val_json} holds no validation examples")
-    generations = {}
-    max_tokens = settings.max_tokens
-    for label, adapter in (("base", None), ("fine-tuned", adapter_dir)):
-        loaded = load_for_inference(base_model, adapter)  # fused: the adapter costs no extra decode work
-        max_tokens = max_tokens or max_tokens_for(loaded, [e.reference for e in examples])
-        log(f"{label}: generating {len(examples)} analyses (greedy, max {max_tokens} tokens, batch {settings.batch_size})")
-        generations[label] = generate_analyses(
-            loaded, examples, max_tokens=max_tokens, seed=settings.seed, batch_size=settings.batch_size
-        )
-        del loaded
-        gc.collect()  # one model in memory at a time: two 4B models would not fit a small Mac
+    # One model in memory at a time for the long generations (two 4B models would not fit a small Mac); both
+    # only while the overhead is timed, interleaved on a few prompts.
+    base = load_for_inference(base_model, None)
+    max_tokens = settings.max_tokens or max_tokens_for(base, [e.reference for e in examples])
 
-    comparison = compare(examples, generations["base"], generations["fine-tuned"], _train_references(train_json))
+    def generate(label: str, loaded: LoadedModel) -> list[Generation]:
+        log(f"{label}: generating {len(examples)} analyses (greedy, max {max_tokens} tokens, batch {settings.batch_size})")
+        return generate_analyses(loaded, examples, max_tokens=max_tokens, seed=settings.seed, batch_size=settings.batch_size)
+
+    base_generations = generate("base", base)
+    tuned = load_for_inference(base_model, adapter_dir)  # fused: the adapter costs no extra decode work
+    log(f"timing the inference overhead: {settings.overhead_repeats} interleaved rounds on "
+        f"{min(settings.overhead_prompts, len(examples))} prompts, {settings.overhead_tokens} tokens each")
+    overhead = measure_overhead(base, tuned, examples[: settings.overhead_prompts],
+                                repeats=settings.overhead_repeats, tokens=settings.overhead_tokens)  # fmt: skip
+    del base
+    gc.collect()
+    tuned_generations = generate("fine-tuned", tuned)
+    del tuned
+    gc.collect()
+
+    comparison = compare(examples, base_generations, tuned_generations, _train_references(train_json), overhead)
     gates = evaluate_gates(comparison, settings.thresholds)
     text = verdict(comparison, gates)
     chart = comparison_chart_png(comparison)
@@ -80,13 +105,12 @@ def evaluate_adapter(
         gates=gates,
         verdict=text,
         examples=examples,
-        base_generations=generations["base"],
-        fine_tuned_generations=generations["fine-tuned"],
+        base_generations=base_generations,
+        fine_tuned_generations=tuned_generations,
         base_model=base_model,
         lora_path=adapter_dir,
         validation_data=val_json,
-        settings={"max_examples": settings.max_examples, "max_tokens": max_tokens, "batch_size": settings.batch_size,
-                  "seed": settings.seed, "decoding": "greedy", "thresholds": settings.thresholds.__dict__},  # fmt: skip
+        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": "greedy"},
         chart_png=chart,
     )
     return EvalOutcome(comparison, gates, text, paths, chart, len(examples), max_tokens or 0)

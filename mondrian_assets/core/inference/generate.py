@@ -74,7 +74,7 @@ def max_tokens_for(loaded: LoadedModel, references: Sequence[str], *, margin: fl
     return int(math.ceil(longest * (1.0 + margin))) + extra
 
 
-def _eos_ids(loaded: LoadedModel) -> list[int]:
+def eos_ids(loaded: LoadedModel) -> list[int]:
     eos = getattr(loaded.model.config, "eos_token_id", None)
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if not ids and getattr(loaded.tokenizer, "eos_token_id", None) is not None:
@@ -85,7 +85,7 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
 def _reset_stopping(loaded: LoadedModel) -> None:
     criteria = getattr(loaded.tokenizer, "stopping_criteria", None)
     if criteria is not None:
-        criteria.reset(_eos_ids(loaded))
+        criteria.reset(eos_ids(loaded))
 
 
 def _detokenize(loaded: LoadedModel, tokens: Sequence[int]) -> str:
@@ -194,7 +194,7 @@ def _batch(
 
     mx.random.seed(seed)
     _reset_stopping(loaded)
-    guards = [LoopGuard(_eos_ids(loaded)[0], rule) for _ in examples]
+    guards = [LoopGuard(eos_ids(loaded)[0], rule) for _ in examples]
     kwargs: dict[str, Any] = {"sampler": make_sampler(temp=temperature)} if temperature > 0 else {}
     tic = time.perf_counter()
     result = batch_generate(
@@ -209,7 +209,7 @@ def _batch(
     latency = time.perf_counter() - tic
     stats = result.stats
     out = []
-    eos = set(_eos_ids(loaded))
+    eos = set(eos_ids(loaded))
     for example, text, guard in zip(examples, result.texts, guards, strict=True):
         # the guard saw every emitted token, the stopping EOS included
         stopped = bool(guard.tokens) and guard.tokens[-1] in eos
