@@ -15,6 +15,7 @@ from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.demo.app import append_demo_jobs, generate_demo_app
+from mondrian_assets_tests.helpers import files_opened
 
 # What linking must do with each fault the demo generator plants (None: the job is linked).
 EXPECTED = {
@@ -134,16 +135,21 @@ def test_legacy_era_database_links(tmp_path):
     assert set(result.records["analysis_source"]) <= {"analysis_markdown.path", "analysis_markdown.text", "fallback_file", "html_card"}
 
 
-def test_relink_after_new_jobs_reads_only_the_new_files(locations):
+def test_relink_after_new_jobs_opens_only_the_new_files(locations):
     cache_engine = state_engine(locations.state_db)
     first = link(locations, LinkCache(cache_engine))
     new_ids = append_demo_jobs(locations.app_dir, 10, seed=99)
-    second = link(locations, LinkCache(cache_engine))
+    with files_opened() as opened:
+        second = link(locations, LinkCache(cache_engine))
     assert set(new_ids) <= set(second.records["job_id"])
     assert len(second.records) == len(first.records) + 10
-    # new images, and at most one analysis file each, are all that was read
-    assert 10 <= second.cache_misses <= 20
-    assert second.cache_hits >= first.cache_misses - 5
+
+    old_files = {os.path.realpath(p) for column in ("image_path", "analysis_path")
+                 for p in first.records[column].dropna()}  # fmt: skip
+    assert old_files, "the first link must have linked files"
+    assert not old_files & set(opened), "an unchanged file was opened again"
+    new_records = second.records[second.records["job_id"].isin(new_ids)]
+    assert {os.path.realpath(p) for p in new_records["image_path"]} <= set(opened)  # and the new ones were read
 
 
 def test_changed_file_is_reread(locations):

@@ -1,26 +1,19 @@
 """lora_adapter and eval_report through Dagster, on the real embedded model with short real training runs."""
 
 import json
+import shutil
 
 import dagster as dg
 import pytest
 
-from mondrian_assets.defs import evaluation, linking, splits, training
+from mondrian_assets.core.training.worker import CRASH_AFTER_STEP_ENV
+from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MlxTrainer
-
-ASSETS = [linking.linked_records, splits.advisor_splits, training.lora_adapter, evaluation.eval_report]
-
+from mondrian_assets_tests.helpers import materialize_partition, step_events
 
 def run(selection, advisor, mondrian_db, trainer, instance, run_config=None) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        ASSETS,
-        selection=selection,
-        partition_key=advisor,
-        resources={"mondrian_db": mondrian_db, "mlx_trainer": trainer},
-        instance=instance,
-        run_config=run_config,
-        raise_on_error=False,
-    )
+    resources = {"mondrian_db": mondrian_db, "mlx_trainer": trainer}
+    return materialize_partition(selection, advisor, resources, instance, run_config)
 
 
 @pytest.fixture
@@ -83,3 +76,85 @@ def test_eval_report_materializes_even_when_a_gate_fails(linked, locations, mond
     assert [g["passed"] for g in report["gates"] if g["name"] == "format_compliance"] == [False]
     assert result.success
     assert result.asset_materializations_for_node("eval_report")[0].metadata["report"].value == str(report_path)
+
+
+def test_a_hub_id_from_the_local_cache_is_resolved_once_and_used_everywhere(
+    linked, locations, mondrian_db, embedded_base, instance, tmp_path, monkeypatch
+):
+    """`base_model: Org/Name` as users write it, found in a Hugging Face cache with the network off."""
+    import huggingface_hub.constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hf" / "hub"
+    snapshot = cache / "models--Org--Name" / "snapshots" / revision
+    shutil.copytree(embedded_base, snapshot)
+    (cache / "models--Org--Name" / "refs").mkdir()
+    (cache / "models--Org--Name" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+
+    trainer = MlxTrainer(base_model="Org/Name", iters=12, eval_interval=6, save_interval=6, warmup_steps=2)
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    config = {"ops": {"eval_report": {"config": {"max_examples": 1, "max_tokens": 8, "overhead_repeats": 2}}}}
+    result = run(["lora_adapter", "eval_report"], "weston", mondrian_db, trainer, instance, config)
+
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert all(checks[name] for name in ("loss_went_down", "reloads_and_generates", "weights_finite",
+                                         "trainable_parameters_as_configured")), checks  # fmt: skip
+    adapter = locations.models / "adapters" / "weston"
+    args = json.loads((adapter / "training_args.json").read_text())
+    assert args["config"]["base_model"] == str(snapshot)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model"] == str(snapshot)
+    meta = result.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert "Org/Name" in meta["base_model"].value and revision[:12] in meta["base_model"].value
+    report = json.loads((locations.evaluation / "weston" / "comparison_report.json").read_text())
+    assert report["base_model"] == str(snapshot)  # evaluated on the same folder it trained on
+    assert not (adapter.parent / ".weston.checkpoints").exists()  # the checks passed: checkpoints discarded
+
+
+def test_a_hub_id_missing_from_the_cache_is_refused_with_what_to_do(linked, mondrian_db, trainer, instance,
+                                                                     tmp_path, monkeypatch):  # fmt: skip
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    result = run(["lora_adapter"], "weston", mondrian_db, MlxTrainer(base_model="Org/Missing"), instance)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "hf download Org/Missing" in failure.event_specific_data.error.message
+    assert "STEP_UP_FOR_RETRY" not in step_events(result, "lora_adapter")  # a config problem is not retried
+
+
+def test_a_killed_trainer_is_retried_by_dagster_and_resumes_from_its_checkpoint(
+    linked, locations, mondrian_db, trainer, instance, tmp_path, monkeypatch
+):
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(CRASH_AFTER_STEP_ENV, f"8:{marker}")  # SIGKILL at step 8, after the checkpoint at 6
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    result = run(["lora_adapter"], "weston", mondrian_db, trainer, instance)
+
+    assert marker.exists(), "the first attempt must have been killed"
+    events = step_events(result, "lora_adapter")
+    assert "STEP_UP_FOR_RETRY" in events and "STEP_RESTARTED" in events
+    assert result.success
+    meta = result.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert meta["resumed_from_step"].value == 6 and meta["steps"].value == 12
+
+
+def test_a_failing_adapter_check_stops_evaluation_and_keeps_the_checkpoint(linked, locations, mondrian_db,
+                                                                           embedded_base, instance):  # fmt: skip
+    # a learning rate too small to move any weight: the validation loss cannot go down
+    frozen = MlxTrainer(base_model=str(embedded_base), iters=4, eval_interval=2, save_interval=2, warmup_steps=0,
+                        learning_rate=1e-30, min_learning_rate=0.0, lr_schedule="constant")  # fmt: skip
+    assert run(["train_split", "val_split"], "weston", mondrian_db, frozen, instance).success
+    result = run(["lora_adapter", "eval_report"], "weston", mondrian_db, frozen, instance)
+
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["loss_went_down"] is False
+    assert "STEP_START" not in step_events(result, "eval_report")  # the blocking check stopped it
+    assert not result.asset_materializations_for_node("eval_report")
+    assert (locations.models / "adapters" / ".weston.checkpoints").is_dir()
+
+    again = run(["lora_adapter"], "weston", mondrian_db, frozen, instance)  # e.g. a retry: no second training
+    assert again.asset_materializations_for_node("lora_adapter")[0].metadata["resumed_from_step"].value == 4

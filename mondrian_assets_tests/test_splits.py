@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -6,11 +7,13 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core.data import splits
+from mondrian_assets.core.data.split_checks import check_written_split
 from mondrian_assets.core.schema import DEFAULT_INSTRUCTION, canonical_json, parse_analysis
 from mondrian_assets.defs import linking
 from mondrian_assets.defs import splits as split_defs
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.demo.app import append_demo_jobs
+from mondrian_assets_tests.helpers import materialize_partition, step_events
 
 ASSETS = [linking.linked_records, split_defs.advisor_splits]
 
@@ -53,8 +56,8 @@ def test_split_materializes_files_checks_and_metadata(locations, mondrian_db, tr
         assert max(img.size) <= 800 and img.mode == "RGB"
 
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"no_image_on_both_sides": True, "images_decode": True, "texts_non_trivial": True,
-                      "responses_round_trip": True, "split_ratio": True}  # fmt: skip
+    assert checks == {"files_agree": True, "no_image_on_both_sides": True, "images_decode": True,
+                      "texts_non_trivial": True, "responses_round_trip": True, "split_ratio": True}  # fmt: skip
     mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
     train_meta = mats["train_split"].materialization.metadata
     assert train_meta["count"].value == len(train) and "sample" in train_meta
@@ -127,14 +130,50 @@ def test_new_advisor_becomes_a_partition(locations, mondrian_db, trainer, instan
     assert materialize_split(mondrian_db, instance, "gilpin", trainer).success
 
 
-def test_responses_round_trip_through_the_parser(locations, mondrian_db, trainer, instance):
+def failed_checks(files: splits.SplitFiles) -> set[str]:
+    return {c.name for c in check_written_split(files, val_fraction=0.2, ratio_tolerance=0.15) if not c.passed}
+
+
+def test_split_checks_read_the_written_files_and_catch_tampering(locations, mondrian_db, trainer, instance):
     materialize_link(mondrian_db, instance)
     assert materialize_split(mondrian_db, instance, "weston", trainer).success
     files = splits.split_files(locations.training_data, "weston")
-    for line in files.train_jsonl.read_text().splitlines() + files.val_jsonl.read_text().splitlines():
-        response = json.loads(line)["messages"][1]["content"][0]["text"]
-        parsed = parse_analysis(response)
-        assert parsed.ok and canonical_json(parsed.analysis) == response
+    assert failed_checks(files) == set()
+    pristine = {path: path.read_bytes() for path in (files.train_jsonl, files.val_jsonl, files.train_json)}
+
+    val_row = files.val_jsonl.read_text().splitlines()[0]
+    files.train_jsonl.write_text(files.train_jsonl.read_text() + val_row + "\n")  # a validation photo leaks in
+    assert failed_checks(files) == {"files_agree", "no_image_on_both_sides"}
+    files.train_jsonl.write_bytes(pristine[files.train_jsonl])
+
+    rows = json.loads(files.train_json.read_text())
+    rows[0]["response"] = rows[0]["response"].replace('"overall_score":', '"overall_score" :')  # not canonical
+    files.train_json.write_text(json.dumps(rows))
+    lines = files.train_jsonl.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["messages"][1]["content"][0]["text"] = rows[0]["response"]
+    files.train_jsonl.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    assert failed_checks(files) == {"responses_round_trip"}
+    for path, data in pristine.items():
+        path.write_bytes(data)
+
+    image = Path(json.loads(files.val_jsonl.read_text().splitlines()[0])["images"][0])
+    image.write_bytes(image.read_bytes()[:200])  # a truncated prepared image
+    assert failed_checks(files) == {"images_decode"}
+    files.val_jsonl.write_text(files.val_jsonl.read_text()[:-40])  # a half-written file
+    assert "files_agree" in failed_checks(files)
+
+
+def test_a_failing_split_check_stops_training(locations, mondrian_db, trainer, instance):
+    materialize_link(mondrian_db, instance)
+    result = materialize_partition(
+        ["train_split", "val_split", "lora_adapter"], "weston", {"mondrian_db": mondrian_db, "mlx_trainer": trainer},
+        instance, run_config={"ops": {"advisor_splits": {"config": {"min_text_chars": 100_000}}}},
+    )  # fmt: skip
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["texts_non_trivial"] is False
+    assert "STEP_START" not in step_events(result, "lora_adapter")
+    assert not (locations.models / "adapters" / "weston").exists()
 
 
 def test_invalid_fraction_is_a_clear_error():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 from dataclasses import replace
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core import schema
+from mondrian_assets.core.base_model import resolve_base
 from mondrian_assets.core.training.config import (
     TrainConfig,
     TrainingConfigError,
@@ -22,6 +24,7 @@ from mondrian_assets.core.training.config import (
     load_processor,
     validate_config,
 )
+from mondrian_assets.core.training.checkpoints import run_fingerprint
 from mondrian_assets.core.training.examples import collate, encode_example
 from mondrian_assets.core.training.isolation import run_training_subprocess
 from mondrian_assets.core.training.loop import learning_rate_schedule, loss_fn, train_lora
@@ -170,7 +173,7 @@ def test_validation_names_the_problem(data, config, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(TrainingConfigError, match="'llama' model"):
         validate_config(replace(config, base_model=str(tmp_path / "other")), train, valid)
-    with pytest.raises(TrainingConfigError, match="lora_rank must be positive"):
+    with pytest.raises(TrainingConfigError, match="lora_rank must be greater than or equal to 1"):
         validate_config(replace(config, lora_rank=0), train, valid)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -292,3 +295,55 @@ def test_every_schedule_yields_arrays_the_optimizer_accepts(schedule):
     rates = [float(learning_rate_schedule(config, 20)(mx.array(step)).item()) for step in (0, 3, 10, 19)]
     assert rates[0] == pytest.approx(1e-3 / 4) and rates[1] == pytest.approx(1e-3)
     assert (rates[3] < rates[2] < rates[1]) if schedule == "cosine" else rates[2] == rates[3] == pytest.approx(1e-3)
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(data, config, tmp_path):
+    out = tmp_path / "adapter"
+    first = train_lora(config, data["train"], data["valid"], out, data_version="v1", keep_checkpoints=True)
+    root = tmp_path / ".adapter.checkpoints"
+    assert (root / first.fingerprint / "step_0000006").is_dir()  # kept for the caller's checks
+
+    # another run (a new seed) finds the first run's checkpoint in its own folder, as a copy or a hash collision
+    # would put it there: it must train from the start, not continue someone else's weights and optimizer
+    other = replace(config, seed=1)
+    other_fingerprint = run_fingerprint(other, data["train"], data["valid"], "v1")
+    assert other_fingerprint != first.fingerprint
+    shutil.copytree(root / first.fingerprint, root / other_fingerprint)
+    assert train_lora(other, data["train"], data["valid"], out, data_version="v1").resumed_from_step == 0
+
+    again = train_lora(config, data["train"], data["valid"], out, data_version="v1")  # its own: resumed, at the end
+    assert again.resumed_from_step == 6 and again.best_val_loss == first.best_val_loss
+    assert not (root / first.fingerprint).exists()
+
+
+def test_on_metal_memory_is_wired_and_the_cache_cleared_each_step(data, config, tmp_path, monkeypatch):
+    """As mlx-vlm's trainer does on Apple GPUs; no Metal here, so the device's answers are stood in for."""
+    calls: dict[str, list] = {"wired": [], "cleared": []}
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 123_456_789})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda limit: calls["wired"].append(limit))
+    monkeypatch.setattr(mx, "clear_cache", lambda: calls["cleared"].append(1))
+    train_lora(replace(config, iters=3), data["train"], None, tmp_path / "adapter", data_version="v1")
+    assert calls["wired"] == [123_456_789] and len(calls["cleared"]) == 3
+
+
+def test_an_mlx_quantized_base_trains_and_reloads(data, config, tmp_path):
+    from mlx_vlm import generate, load
+    from mlx_vlm.convert import convert
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    quantized = tmp_path / "base-8bit"
+    convert(str(data["base"]), str(quantized), quantize=True, q_bits=8, q_group_size=64)  # as mlx-community ships
+    assert resolve_base(quantized).quantization["bits"] == 8
+    on_quantized = replace(config, base_model=str(quantized), iters=2)
+    with pytest.raises(TrainingConfigError, match="already quantized"):
+        validate_config(replace(on_quantized, quantize_bits=4), data["train"], data["valid"])
+    validate_config(on_quantized, data["train"], data["valid"])
+
+    out = tmp_path / "adapter"
+    result = train_lora(on_quantized, data["train"], data["valid"], out, data_version="v1")
+    assert result.trainable_params > 0
+    model, processor = load(str(quantized), adapter_path=str(out))
+    row = json.loads(data["valid"].read_text().splitlines()[0])
+    prompt = apply_chat_template(processor, model.config, row["messages"][:1], num_images=1)
+    assert generate(model, processor, prompt, image=row["images"], max_tokens=4, temperature=0.0).text

@@ -16,6 +16,7 @@ from mondrian_assets.defs.config_fields import config_class, values_for
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MondrianDatabase
 
+CODE_VERSION = "2"  # bump when metrics, gates or how outputs are generated change; 2: paired gates, timed overhead
 _EvalFields = config_class("_EvalFields", dg.Config, EvalSettings, GateThresholds)
 
 
@@ -64,7 +65,8 @@ def _headline(m: dict) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, check_specs=GATE_CHECKS)
+@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, check_specs=GATE_CHECKS,
+          code_version=CODE_VERSION)
 def eval_report(
     context: dg.AssetExecutionContext, config: EvalRunConfig, mondrian_db: MondrianDatabase,
     lora_adapter: dict, train_split: dict, val_split: dict,

@@ -13,6 +13,7 @@ from mondrian_assets.core.data.link_cache import LinkCache
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.defs.resources import MondrianDatabase
 
+CODE_VERSION = "1"  # bump when linking changes which jobs link or what a linked record holds
 PLAN_MIN_EXAMPLES = 60  # the LoRA plan's floor for a useful advisor dataset
 
 
@@ -33,7 +34,7 @@ def _counts_table(counts: dict[str, int], key: str) -> dg.TableMetadataValue:
     )
 
 
-@dg.asset(group_name="data", kinds={"sqlite", "pandas"})
+@dg.asset(group_name="data", kinds={"sqlite", "pandas"}, code_version=CODE_VERSION)
 def linked_records(
     context: dg.AssetExecutionContext, config: LinkConfig, mondrian_db: MondrianDatabase
 ) -> dg.Output[pd.DataFrame]:

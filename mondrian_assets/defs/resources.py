@@ -9,10 +9,12 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
+from mondrian_assets.core.base_model import ResolvedBase, resolve_base
 from mondrian_assets.core.data.app_db import read_only_engine
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.training.config import TrainConfig
+from mondrian_assets.defs.config_fields import config_class, values_for
 
 
 class MondrianDatabase(dg.ConfigurableResource):
@@ -51,49 +53,31 @@ class MondrianDatabase(dg.ConfigurableResource):
         return state_engine(self.locations().state_db)
 
 
-_TRAIN_DEFAULTS = TrainConfig()
+_TrainerFields = config_class("_TrainerFields", dg.ConfigurableResource, TrainConfig, exclude=("base_model",))
 
 
-class MlxTrainer(dg.ConfigurableResource):
-    """LoRA fine-tuning with MLX through mlx-vlm. Training runs in a child process, so an MLX crash fails the
-    step (and its retry resumes from the last checkpoint) instead of taking the Dagster process down.
+class MlxTrainer(_TrainerFields):
+    """LoRA fine-tuning with MLX through mlx-vlm: every `TrainConfig` knob, with its default, description and
+    bounds. Training runs in a child process, so an MLX crash fails the step (and its retry resumes from the last
+    checkpoint) instead of taking the Dagster process down.
 
-    `base_model` empty means the embedded tiny Qwen3-VL (built under <home>/models/base on first use);
-    otherwise a local folder or a hub id such as `Qwen/Qwen3-VL-4B-Instruct`. The other defaults suit the
-    embedded model; for a 4B model lower `learning_rate` (e.g. 1e-4) and raise `max_seq_length`.
+    `base_model` empty means the embedded tiny Qwen3-VL (built under <home>/models/base on first use); otherwise a
+    local folder (an MLX 4-bit / 8-bit base too) or a hub id such as `Qwen/Qwen3-VL-4B-Instruct` already in the
+    local Hugging Face cache. The other defaults suit the embedded model; for a 4B model lower `learning_rate`
+    (e.g. 1e-4) and raise `max_seq_length`.
     """
 
-    base_model: str | None = Field(default=None, description="Local path or hub id; empty: the embedded tiny model.")
-    dtype: str = Field(default=_TRAIN_DEFAULTS.dtype, description="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")
-    lora_rank: int = Field(default=_TRAIN_DEFAULTS.lora_rank)
-    lora_alpha: float = Field(default=_TRAIN_DEFAULTS.lora_alpha)
-    lora_dropout: float = Field(default=_TRAIN_DEFAULTS.lora_dropout)
-    target_modules: list[str] = Field(default=list(_TRAIN_DEFAULTS.target_modules), description="Language-model projections that get LoRA.")
-    train_vision: bool = Field(default=_TRAIN_DEFAULTS.train_vision, description="Also train the vision tower.")
-    quantize_bits: int | None = Field(default=_TRAIN_DEFAULTS.quantize_bits, description="4 or 8: quantize the frozen base (QLoRA).")
-    learning_rate: float = Field(default=_TRAIN_DEFAULTS.learning_rate)
-    warmup_steps: int = Field(default=_TRAIN_DEFAULTS.warmup_steps)
-    lr_schedule: str = Field(default=_TRAIN_DEFAULTS.lr_schedule, description="cosine or constant (after warm-up).")
-    epochs: int = Field(default=_TRAIN_DEFAULTS.epochs)
-    iters: int | None = Field(default=_TRAIN_DEFAULTS.iters, description="Optimizer steps; overrides epochs.")
-    batch_size: int = Field(default=_TRAIN_DEFAULTS.batch_size)
-    grad_accumulation: int = Field(default=_TRAIN_DEFAULTS.grad_accumulation)
-    grad_checkpointing: bool = Field(default=_TRAIN_DEFAULTS.grad_checkpointing)
-    max_seq_length: int = Field(default=_TRAIN_DEFAULTS.max_seq_length)
-    answer_only_loss: bool = Field(default=_TRAIN_DEFAULTS.answer_only_loss, description="Loss on the answer tokens only.")
-    seed: int = Field(default=_TRAIN_DEFAULTS.seed)
-    eval_interval: int = Field(default=_TRAIN_DEFAULTS.eval_interval, description="Steps between validation-loss evaluations.")
-    save_interval: int = Field(default=_TRAIN_DEFAULTS.save_interval, description="Steps between resumable checkpoints.")
-    early_stopping_patience: int | None = Field(default=_TRAIN_DEFAULTS.early_stopping_patience, description="Evaluations without a new best before stopping; empty: never.")
+    base_model: str | None = Field(default=None, description=(
+        "A local model folder or a hub id in the local Hugging Face cache; empty: the embedded tiny model."))  # fmt: skip
 
-    def resolved_base_model(self, models_dir: Path) -> str:
+    def resolved_base(self, models_dir: Path) -> ResolvedBase:
+        """The base model's local folder, resolved once per step; raises BaseModelError saying what to do."""
         if self.base_model:
-            return self.base_model
+            return resolve_base(self.base_model)
         # imported here: only the embedded default needs the demo generator
         from mondrian_assets.demo.base_model import ensure_embedded_base_model
 
-        return str(ensure_embedded_base_model(models_dir))
+        return resolve_base(ensure_embedded_base_model(models_dir))
 
-    def train_config(self, models_dir: Path) -> TrainConfig:
-        values = {k: v for k, v in self.model_dump().items() if k in TrainConfig.__dataclass_fields__}
-        return TrainConfig.from_dict(values | {"base_model": self.resolved_base_model(models_dir)})
+    def train_config(self, base: ResolvedBase) -> TrainConfig:
+        return TrainConfig.from_dict(values_for(TrainConfig, self, base_model=str(base.path)))

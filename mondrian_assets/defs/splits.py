@@ -3,28 +3,34 @@
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
-from PIL import Image
 from pydantic import Field
 
+from mondrian_assets.core.base_model import BaseModelError
 from mondrian_assets.core.data import app_db, splits
 from mondrian_assets.core.data.images import APP_MAX_SIDE
-from mondrian_assets.core.schema import build_prompt, canonical_json, parse_analysis
+from mondrian_assets.core.data.split_checks import MIN_TEXT_CHARS, check_written_split
+from mondrian_assets.core.schema import build_prompt
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 
-MIN_TEXT_CHARS = 100  # the plan's bar for a non-trivial prompt and response
+CODE_VERSION = "1"  # bump when splitting changes which side an example lands on, its prompt, response or image
 
 
 class SplitRunConfig(dg.Config):
-    val_fraction: float = Field(default=0.2, description="Share of images (by content hash) held out for validation.")
-    min_examples_for_val: int = Field(default=splits.MIN_EXAMPLES_FOR_VAL, description="Below this, no val set.")
-    max_image_side: int = Field(default=APP_MAX_SIDE, description="Images are resized as the app does before inference.")
-    instruction: str | None = Field(default=None, description="Instruction after the app's prompts; default: the built-in one.")
-    ratio_tolerance: float = Field(default=0.15, description="Allowed gap between the wanted and the actual val share.")
+    val_fraction: float = Field(default=0.2, gt=0, lt=1,
+                                description="Share of images (by content hash) held out for validation.")
+    min_examples_for_val: int = Field(default=splits.MIN_EXAMPLES_FOR_VAL, ge=2, description="Below this, no val set.")
+    max_image_side: int = Field(default=APP_MAX_SIDE, ge=28,
+                                description="Images are resized as the app does before inference.")
+    instruction: str | None = Field(default=None,
+                                    description="Instruction after the app's prompts; default: the built-in one.")
+    ratio_tolerance: float = Field(default=0.15, ge=0, le=1,
+                                   description="Allowed gap between the wanted and the actual val share.")
+    min_text_chars: int = Field(default=MIN_TEXT_CHARS, ge=0,
+                                description="A prompt or response this short or shorter fails texts_non_trivial.")  # fmt: skip
 
 
 def _split_value(files: splits.SplitFiles, split: splits.AdvisorSplit, side: str) -> dict:
@@ -51,12 +57,14 @@ def _sample_row(examples: list[splits.Example]) -> dg.MetadataValue:
 
 
 CHECKS = [
+    dg.AssetCheckSpec("files_agree", asset="train_split", blocking=True,
+                      description="The JSON, JSONL and meta files as written describe the same examples."),
     dg.AssetCheckSpec("no_image_on_both_sides", asset="val_split", blocking=True,
-                      description="No image content hash is in both train and val."),
+                      description="No prepared image file (by content) is in both train.jsonl and valid.jsonl."),
     dg.AssetCheckSpec("images_decode", asset="train_split", blocking=True,
                       description="Every prepared image in both splits exists and decodes."),
     dg.AssetCheckSpec("texts_non_trivial", asset="train_split", blocking=True,
-                      description=f"Every prompt and response is longer than {MIN_TEXT_CHARS} characters."),
+                      description="Every prompt and response is longer than min_text_chars (the plan's 100)."),
     dg.AssetCheckSpec("responses_round_trip", asset="train_split", blocking=True,
                       description="Every response parses back to the canonical schema and re-serializes identically."),
     dg.AssetCheckSpec("split_ratio", asset="val_split",
@@ -64,56 +72,25 @@ CHECKS = [
 ]  # fmt: skip
 
 
-def _check_results(split: splits.AdvisorSplit, files: splits.SplitFiles, cfg: SplitRunConfig) -> Iterator[dg.AssetCheckResult]:
+_ASSET_OF_CHECK = {"files_agree": "train_split", "no_image_on_both_sides": "val_split", "images_decode": "train_split",
+                   "texts_non_trivial": "train_split", "responses_round_trip": "train_split", "split_ratio": "val_split"}  # fmt: skip
+
+
+def _check_results(files: splits.SplitFiles, cfg: SplitRunConfig) -> Iterator[dg.AssetCheckResult]:
     """Checks read the files as written, so they vouch for what training will read."""
-    rows = {
-        side: [json.loads(line) for line in path.read_text().splitlines()]
-        for side, path in (("train", files.train_jsonl), ("val", files.val_jsonl))
-    }
-    train_hashes, val_hashes = {e.image_sha256 for e in split.train}, {e.image_sha256 for e in split.val}
-    leaked = train_hashes & val_hashes
-    yield dg.AssetCheckResult(check_name="no_image_on_both_sides", asset_key="val_split", passed=not leaked,
-                              metadata={"shared_images": len(leaked)})
-
-    bad_images = []
-    for row in rows["train"] + rows["val"]:
-        try:
-            with Image.open(row["images"][0]) as img:
-                img.load()
-        except OSError as exc:
-            bad_images.append(f"{row['images'][0]}: {exc}")
-    yield dg.AssetCheckResult(check_name="images_decode", asset_key="train_split", passed=not bad_images,
-                              metadata={"checked": len(rows["train"]) + len(rows["val"]), "failed": len(bad_images),
-                                        "first_failure": bad_images[0] if bad_images else "none"})
-
-    def texts(row: dict) -> tuple[str, str]:
-        user, assistant = row["messages"][0], row["messages"][1]
-        return user["content"][-1]["text"], assistant["content"][0]["text"]
-
-    pairs = [texts(r) for r in rows["train"] + rows["val"]]
-    short = sum(1 for p, r in pairs if len(p) <= MIN_TEXT_CHARS or len(r) <= MIN_TEXT_CHARS)
-    yield dg.AssetCheckResult(check_name="texts_non_trivial", asset_key="train_split", passed=short == 0 and bool(pairs),
-                              metadata={"too_short": short, "examples": len(pairs)})
-
-    broken = 0
-    for _, response in pairs:
-        parsed = parse_analysis(response)
-        broken += not (parsed.ok and parsed.analysis is not None and canonical_json(parsed.analysis) == response)
-    yield dg.AssetCheckResult(check_name="responses_round_trip", asset_key="train_split", passed=broken == 0,
-                              metadata={"not_round_tripping": broken})
-
-    total = len(split.train) + len(split.val)
-    actual = len(split.val) / total if total else 0.0
-    within = not split.has_val or abs(actual - cfg.val_fraction) <= cfg.ratio_tolerance
-    yield dg.AssetCheckResult(check_name="split_ratio", asset_key="val_split", passed=within,
-                              severity=dg.AssetCheckSeverity.WARN,
-                              metadata={"val_share": round(actual, 3), "wanted": cfg.val_fraction, "note": split.note or "ok"})  # fmt: skip
+    for check in check_written_split(files, val_fraction=cfg.val_fraction, ratio_tolerance=cfg.ratio_tolerance,
+                                     min_text_chars=cfg.min_text_chars):  # fmt: skip
+        severity = dg.AssetCheckSeverity.WARN if check.name == "split_ratio" else dg.AssetCheckSeverity.ERROR
+        yield dg.AssetCheckResult(check_name=check.name, asset_key=_ASSET_OF_CHECK[check.name], passed=check.passed,
+                                  severity=severity, metadata=check.metadata)  # fmt: skip
 
 
 @dg.multi_asset(
     outs={
-        "train_split": dg.AssetOut(group_name="data", description="Per-advisor training examples (JSON + mlx-vlm JSONL)."),
-        "val_split": dg.AssetOut(group_name="data", description="Per-advisor validation examples, stable across retrains."),
+        "train_split": dg.AssetOut(group_name="data", code_version=CODE_VERSION,
+                                   description="Per-advisor training examples (JSON + mlx-vlm JSONL)."),
+        "val_split": dg.AssetOut(group_name="data", code_version=CODE_VERSION,
+                                 description="Per-advisor validation examples, stable across retrains."),
     },
     partitions_def=advisor_partitions,
     check_specs=CHECKS,
@@ -134,8 +111,12 @@ def advisor_splits(
     prompt = build_prompt(system_prompt, advisor_row.prompt if advisor_row else None, config.instruction)
     split_config = splits.SplitConfig(config.val_fraction, config.min_examples_for_val, config.max_image_side)
     split = splits.split_advisor(advisor, linked_records, prompt, split_config, loc.training_data / "images")
-    base = Path(mlx_trainer.resolved_base_model(loc.models))
-    files = splits.write_split(split, split_config, loc.training_data, base / "tokenizer.json")
+    try:
+        tokenizer_json = mlx_trainer.resolved_base(loc.models).path / "tokenizer.json"
+    except BaseModelError as exc:  # token counts are a nicety here; lora_adapter refuses the base with this reason
+        context.log.warning(f"no token counts in the split meta: {exc}")
+        tokenizer_json = None
+    files = splits.write_split(split, split_config, loc.training_data, tokenizer_json)
     context.log.info(f"{advisor}: {len(split.train)} train / {len(split.val)} val, data version {split.data_version}"
                      + (f" ({split.note})" if split.note else ""))
 
@@ -156,5 +137,5 @@ def advisor_splits(
                 "sample": _sample_row(examples),
             },
         )
-    yield from _check_results(split, files, config)
+    yield from _check_results(files, config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ from mondrian_assets.core import atomic
 from mondrian_assets.core.training.config import Report, TrainConfig
 
 CHECKPOINT_FORMAT = 1
+FINGERPRINT_FILE = "fingerprint"
 
 
 def run_fingerprint(config: TrainConfig, train_jsonl: Path, val_jsonl: Path | None, data_version: str) -> str:
@@ -47,7 +49,8 @@ class LoopState:
 
 
 def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, best_weights: dict, state: LoopState) -> None:
-    """Write `run_dir/step_<N>` atomically, then drop older checkpoints."""
+    """Write `run_dir/step_<N>` atomically, then drop older checkpoints. The run's fingerprint (the folder's name)
+    is recorded inside, so a checkpoint that lands in another run's folder is never resumed there."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -57,14 +60,32 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, best_weights: dic
         mx.save_safetensors(str(stage / "best_adapters.safetensors"), best_weights)
         mx.save_safetensors(str(stage / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (stage / "state.json").write_text(json.dumps(dataclasses.asdict(state)))
+        (stage / FINGERPRINT_FILE).write_text(run_dir.name)
     for old in run_dir.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _written_by(checkpoint: Path) -> str | None:
+    try:
+        return (checkpoint / FINGERPRINT_FILE).read_text()
+    except OSError:
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    candidates = sorted(p for p in run_dir.glob("step_*") if (p / "state.json").is_file())
+    """The newest complete checkpoint that this run (the fingerprint `run_dir` is named for) wrote."""
+    candidates = sorted(
+        p for p in run_dir.glob("step_*") if (p / "state.json").is_file() and _written_by(p) == run_dir.name
+    )
     return candidates[-1] if candidates else None
+
+
+def discard_checkpoints(out_dir: Path, fingerprint: str) -> None:
+    """Drop one run's checkpoints (once its adapter is written and vouched for); other runs' stay."""
+    shutil.rmtree(checkpoint_root(out_dir) / fingerprint, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoint_root(out_dir).rmdir()  # only when no other run keeps checkpoints there
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any) -> tuple[dict, LoopState]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from mondrian_assets.core.base_model import BaseModelError, resolve_base
+from mondrian_assets.core.settings import bound_violations
 
 Report = dict[str, Any]
 ReportFn = Callable[[Report], None]
@@ -32,37 +36,45 @@ class TrainingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a run. The defaults are calibrated for the embedded tiny model on the demo's largest advisor
-    (6 epochs of 67 examples: ~2.5 minutes on 2 CPU cores, every val output parses); for a real 4B base lower
-    learning_rate (~1e-4) and expect far slower steps."""
+    """Every knob of a run, with its description and bounds (the `mlx_trainer` resource is generated from these).
+    The defaults are calibrated for the embedded tiny model on the demo's largest advisor (6 epochs of 67 examples:
+    ~2.5 minutes on 2 CPU cores, every val output parses); for a real 4B base lower learning_rate (~1e-4) and
+    expect far slower steps."""
 
-    base_model: str = ""  # a model folder or a Hugging Face hub id
-    dtype: str = "auto"  # auto: float32 on the CPU, the checkpoint's own dtype (bf16) on a GPU
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = LANGUAGE_PROJECTIONS  # language-model attention + MLP projections
-    train_vision: bool = False  # also fully train the vision tower
-    quantize_bits: int | None = None  # None, 4 or 8: quantize the frozen base (QLoRA)
-    quantize_group_size: int = 64
-    learning_rate: float = 1e-3  # calibrated for the embedded tiny model; for a 4B base use ~1e-4
-    min_learning_rate: float = 1e-4  # where the cosine schedule ends
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    lr_schedule: str = "cosine"  # or "constant" (after warm-up)
-    epochs: int = 6
-    iters: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    max_grad_norm: float | None = 1.0
-    grad_checkpointing: bool = False
-    max_seq_length: int = 2048
-    answer_only_loss: bool = True
-    seed: int = 0
-    report_interval: int = 10
-    eval_interval: int = 60
-    save_interval: int = 60
-    early_stopping_patience: int | None = 3  # evaluations without a new best val loss; None: never stop early
+    base_model: str = ""  # the base model's local folder (the resource resolves a hub id to it)
+    dtype: Annotated[str, Field(description=(
+        "auto (float32 on the CPU, the checkpoint's own dtype on a GPU), float32, bfloat16 or float16."))] = "auto"
+    lora_rank: Annotated[int, Field(ge=1, description="LoRA rank r.")] = 16
+    lora_alpha: Annotated[float, Field(gt=0, description="LoRA alpha (the update is scaled by alpha / r).")] = 32.0
+    lora_dropout: Annotated[float, Field(ge=0, lt=1, description="Dropout on the LoRA input.")] = 0.0
+    target_modules: Annotated[tuple[str, ...], Field(description=(
+        "Language-model projections that get LoRA."))] = LANGUAGE_PROJECTIONS
+    train_vision: Annotated[bool, Field(description="Also fully train the vision tower.")] = False
+    quantize_bits: Annotated[int | None, Field(description=(
+        "4 or 8: quantize the frozen base (QLoRA); empty: keep it as loaded."))] = None
+    quantize_group_size: Annotated[int, Field(description="Quantization group size: 32, 64 or 128.")] = 64
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False, description=(
+        "Peak learning rate (the default suits the embedded tiny model; ~1e-4 for a 4B base)."))] = 1e-3
+    min_learning_rate: Annotated[float, Field(ge=0, description="Where the cosine schedule ends.")] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0, description="AdamW weight decay.")] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0, description="Linear warm-up steps.")] = 10
+    lr_schedule: Annotated[str, Field(description="cosine or constant (after warm-up).")] = "cosine"
+    epochs: Annotated[int, Field(ge=1, description="Passes over the training set (unless iters is set).")] = 6
+    iters: Annotated[int | None, Field(ge=1, description="Optimizer steps; overrides epochs.")] = None
+    batch_size: Annotated[int, Field(ge=1, description="Examples per micro-batch.")] = 1
+    grad_accumulation: Annotated[int, Field(ge=1, description="Micro-batches per optimizer step.")] = 1
+    max_grad_norm: Annotated[float | None, Field(gt=0, description=(
+        "Clip the gradient norm to this; empty: no clipping."))] = 1.0
+    grad_checkpointing: Annotated[bool, Field(description="Recompute activations in backward (less memory).")] = False
+    max_seq_length: Annotated[int, Field(ge=8, description=(
+        "Longest example in tokens (image tokens included); a longer one is refused, never cut."))] = 2048
+    answer_only_loss: Annotated[bool, Field(description="Loss on the answer tokens only.")] = True
+    seed: Annotated[int, Field(ge=0, description="Seed of the data order, LoRA init and dropout.")] = 0
+    report_interval: Annotated[int, Field(ge=1, description="Steps between progress reports.")] = 10
+    eval_interval: Annotated[int, Field(ge=1, description="Steps between validation-loss evaluations.")] = 60
+    save_interval: Annotated[int, Field(ge=1, description="Steps between resumable checkpoints.")] = 60
+    early_stopping_patience: Annotated[int | None, Field(ge=1, description=(
+        "Evaluations without a new best validation loss before stopping; empty: never stop early."))] = 3
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"target_modules": list(self.target_modules)}
@@ -115,6 +127,10 @@ def validate_config(config: TrainConfig, train_path: Path, val_path: Path | None
     check_numbers(config)
     model_path = resolve_base_model(config.base_model)
     model_config = read_model_config(model_path)
+    if model_config.get("quantization") and config.quantize_bits:
+        raise TrainingConfigError(
+            f"the base is already quantized ({model_config['quantization'].get('bits')}-bit); leave quantize_bits unset"
+        )
     processor = load_processor(model_path)
     train = prepare_examples(processor, model_config, Path(train_path), config)
     if not train:
@@ -124,13 +140,8 @@ def validate_config(config: TrainConfig, train_path: Path, val_path: Path | None
 
 
 def check_numbers(config: TrainConfig) -> None:
-    problems = []
-    if config.lora_rank <= 0:
-        problems.append(f"lora_rank must be positive (got {config.lora_rank})")
-    if config.lora_alpha <= 0:
-        problems.append(f"lora_alpha must be positive (got {config.lora_alpha})")
-    if not 0 <= config.lora_dropout < 1:
-        problems.append(f"lora_dropout must be in [0, 1) (got {config.lora_dropout})")
+    """The declared bounds of each field, then the rules that tie fields together."""
+    problems = bound_violations(config)
     if not config.target_modules and not config.train_vision:
         problems.append("target_modules is empty and train_vision is off: nothing would be trained")
     if config.quantize_bits not in (None, 4, 8):
@@ -141,62 +152,24 @@ def check_numbers(config: TrainConfig) -> None:
         problems.append("quantize_group_size must be 32, 64 or 128")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"dtype must be auto, float32, bfloat16 or float16 (got {config.dtype!r})")
-    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        problems.append(f"learning_rate must be a positive number (got {config.learning_rate})")
-    if not 0 <= config.min_learning_rate <= config.learning_rate:
-        problems.append("min_learning_rate must be between 0 and learning_rate")
-    if config.weight_decay < 0:
-        problems.append("weight_decay must not be negative")
-    if config.warmup_steps < 0:
-        problems.append("warmup_steps must not be negative")
+    if not config.min_learning_rate <= config.learning_rate:
+        problems.append("min_learning_rate must not exceed learning_rate")
     if config.lr_schedule not in ("cosine", "constant"):
         problems.append(f"lr_schedule must be 'cosine' or 'constant' (got {config.lr_schedule!r})")
-    if config.iters is None and config.epochs < 1:
-        problems.append(f"epochs must be at least 1 (got {config.epochs})")
-    if config.iters is not None and config.iters < 1:
-        problems.append(f"iters must be at least 1 (got {config.iters})")
-    for name in ("batch_size", "grad_accumulation", "report_interval", "eval_interval", "save_interval"):
-        if getattr(config, name) < 1:
-            problems.append(f"{name} must be at least 1 (got {getattr(config, name)})")
-    if config.max_grad_norm is not None and config.max_grad_norm <= 0:
-        problems.append("max_grad_norm must be positive or None")
-    if config.max_seq_length < 8:
-        problems.append(f"max_seq_length is too small (got {config.max_seq_length})")
-    if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
-        problems.append("early_stopping_patience must be at least 1 or None")
     if problems:
         raise TrainingConfigError("; ".join(problems))
 
 
 def resolve_base_model(base_model: str) -> Path:
-    """The local folder of the base model; a hub id is fetched (or found in the cache) through mlx-vlm."""
-    if not base_model:
-        raise TrainingConfigError("base_model is not set")
-    path = Path(base_model).expanduser()
-    if not path.exists():
-        looks_like_hub_id = base_model.count("/") == 1 and not base_model.startswith((".", "/", "~"))
-        if not looks_like_hub_id:
-            raise TrainingConfigError(f"base model folder {base_model} does not exist")
-        try:
-            from mlx_vlm.utils import get_model_path
-
-            path = Path(get_model_path(base_model))
-        except Exception as exc:  # offline, unknown repo, no access: all mean "cannot use this base"
-            message = f"base model {base_model!r} is neither a folder nor a reachable hub id: {exc}"
-            raise TrainingConfigError(message) from exc
-    if not path.is_dir():
-        raise TrainingConfigError(f"base model path {path} is not a folder")
-    return path
+    """The base model's local folder (see `core.base_model`); a problem is a config error of this run."""
+    try:
+        return resolve_base(base_model).path
+    except BaseModelError as exc:
+        raise TrainingConfigError(str(exc)) from exc
 
 
 def read_model_config(model_path: Path) -> dict:
-    config_file = model_path / "config.json"
-    if not config_file.is_file():
-        raise TrainingConfigError(f"{model_path} is not a model folder: no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TrainingConfigError(f"{config_file} is not valid JSON: {exc}") from exc
+    config = json.loads((resolve_base_model(str(model_path)) / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TrainingConfigError(

@@ -30,12 +30,13 @@ def run_training_subprocess(
     on_report: ReportFn | None = None,
     on_start: Callable[[int], None] | None = None,
     env: dict[str, str] | None = None,
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
     """`train_lora` in a child Python process; its reports stream back to `on_report`.
 
     A crash of the child (a segfault in MLX, the OOM killer, an exception) raises TrainingFailed with its exit
     code or signal and the tail of its stderr; the caller's process is untouched. `on_start` receives the child's
-    pid. If the caller is interrupted, the child is terminated.
+    pid. If the caller is interrupted, the child is terminated. `keep_checkpoints`: see `loop.train_lora`.
     """
     request = {
         "config": config.to_dict(),
@@ -43,6 +44,7 @@ def run_training_subprocess(
         "val_jsonl": str(val_jsonl) if val_jsonl is not None else None,
         "out_dir": str(out_dir),
         "data_version": data_version,
+        "keep_checkpoints": keep_checkpoints,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mondrian-train-", delete=False) as f:
         json.dump(request, f)

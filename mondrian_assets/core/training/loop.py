@@ -13,10 +13,8 @@ batches, `value_and_grad`, update, report, save. Around it sit the guarantees th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from mondrian_assets.core import atomic
 from mondrian_assets.core.training.checkpoints import (
     LoopState,
     checkpoint_root,
+    discard_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     run_fingerprint,
@@ -44,6 +43,7 @@ from mondrian_assets.core.training.config import (
 )
 from mondrian_assets.core.training.examples import Example, collate, micro_batch, prepare_examples
 from mondrian_assets.core.training.lora import count_trainable, load_trainable_model
+from mondrian_assets.core.training.metal import release_cached_buffers, wire_model_memory
 from mondrian_assets.core.training.speed import SpeedOptions, speed_options
 
 # --- loss ----------------------------------------------------------------------------------------------------
@@ -186,12 +186,16 @@ def train_lora(
     *,
     data_version: str,
     on_report: ReportFn | None = None,
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter and write it to `out_dir` (atomically). Resumes from a matching checkpoint."""
+    """Fine-tune a LoRA adapter and write it to `out_dir` (atomically). Resumes from a matching checkpoint.
+    `keep_checkpoints` leaves a final one for the caller to discard once the adapter passed its checks, so a retry
+    after a failed check resumes at the end instead of training again."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     started = time.perf_counter()
+    wire_model_memory()
     out_dir, train_jsonl = Path(out_dir), Path(train_jsonl)
     val_jsonl = Path(val_jsonl) if val_jsonl is not None else None
     check_numbers(config)
@@ -229,6 +233,7 @@ def train_lora(
     while state.step < total_steps and not state.stopped_early:
         tick = time.perf_counter()
         stats = train_step(state.step)
+        release_cached_buffers()
         state.step += 1
         seconds = time.perf_counter() - tick
         state.trained_tokens, state.train_seconds = state.trained_tokens + stats.tokens, state.train_seconds + seconds
@@ -281,9 +286,10 @@ def train_lora(
         "result": result.to_dict(),
     }
     write_adapter(out_dir, weights, adapter_config, training_args, state.log)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        checkpoint_root(out_dir).rmdir()  # only when no other run keeps checkpoints there
+    if keep_checkpoints:
+        save_checkpoint(run_dir, model, optimizer, best, state)
+    else:
+        discard_checkpoints(out_dir, fingerprint)
     return result
 
 

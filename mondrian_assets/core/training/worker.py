@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +19,17 @@ from pathlib import Path
 from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError
 from mondrian_assets.core.training.isolation import PROTOCOL_PREFIX
 from mondrian_assets.core.training.loop import train_lora
+
+
+CRASH_AFTER_STEP_ENV = "MONDRIAN_TRAIN_CRASH_AFTER_STEP"
+
+
+def _die_once_after(step: int, marker: Path, report: dict) -> None:
+    """Fault injection for resume tests (`CRASH_AFTER_STEP_ENV="<step>:<marker file>"`): the first worker to report
+    `step` or later is killed as the OOM killer would kill it; the marker file lets every later attempt live."""
+    if report.get("step", 0) >= step and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +41,14 @@ def main(argv: list[str]) -> int:
         protocol.flush()
 
     request = json.loads(Path(argv[1]).read_text())
+    crash = os.environ.get(CRASH_AFTER_STEP_ENV)
+
+    def report(report: dict) -> None:
+        if crash:
+            step, marker = crash.split(":", 1)
+            _die_once_after(int(step), Path(marker), report)
+        send({"type": "report", "report": report})
+
     try:
         result = train_lora(
             TrainConfig.from_dict(request["config"]),
@@ -36,7 +56,8 @@ def main(argv: list[str]) -> int:
             Path(request["val_jsonl"]) if request.get("val_jsonl") else None,
             Path(request["out_dir"]),
             data_version=request["data_version"],
-            on_report=lambda report: send({"type": "report", "report": report}),
+            on_report=report,
+            keep_checkpoints=request.get("keep_checkpoints", False),
         )
     except TrainingConfigError as exc:
         send({"type": "error", "kind": "config", "message": str(exc)})

@@ -1,0 +1,1 @@
+"""Tests; `helpers` holds what several of them build the same way."""

@@ -1,0 +1,81 @@
+"""What several test modules build the same way: analyses with known scores, images, Dagster runs of one advisor,
+and a record of the files a piece of code opens."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+from PIL import Image
+
+from mondrian_assets.core import schema
+from mondrian_assets.defs import evaluation, linking, splits, training
+
+ASSETS = [linking.linked_records, splits.advisor_splits, training.lora_adapter, evaluation.eval_report]
+
+
+def analysis_dict(overall: float = 7.0, dims: dict[str, float] | None = None, **fields: object) -> dict:
+    """A valid analysis; `dims` maps dimension names to scores (default: the first seven, each at `overall`)."""
+    dims = dims if dims is not None else {name: overall for name in schema.DIMENSION_NAMES[:7]}
+    data = {
+        "image_description": "A barn under snow.",
+        "dimensions": [
+            {"name": n, "score": s, "comment": f"{n} is fair.", "recommendation": "Crop tighter."} for n, s in dims.items()
+        ],
+        "overall_score": overall,
+        "key_strengths": ["tones"],
+        "priority_improvements": ["horizon"],
+        "technical_notes": "f/8",
+    }
+    return data | fields
+
+
+def analysis_json(overall: float = 7.0, dims: dict[str, float] | None = None, **fields: object) -> str:
+    return json.dumps(analysis_dict(overall, dims, **fields))
+
+
+def random_image(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """A noise JPEG of `size` (width, height): every seed a different picture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def materialize_partition(selection: list[str], advisor: str, resources: dict, instance: dg.DagsterInstance,
+                          run_config: dict | None = None) -> dg.ExecuteInProcessResult:  # fmt: skip
+    """One advisor's run of `selection`, as the UI launches it; failures are returned, not raised."""
+    return dg.materialize(ASSETS, selection=selection, partition_key=advisor, resources=resources, instance=instance,
+                          run_config=run_config, raise_on_error=False)  # fmt: skip
+
+
+def step_events(result: dg.ExecuteInProcessResult, step: str) -> list[str]:
+    return [e.event_type_value for e in result.all_events if e.step_key == step]
+
+
+_opened: list[str] | None = None
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_record_open)  # audit hooks cannot be removed: this one records only inside `files_opened`
+
+
+@contextmanager
+def files_opened() -> Iterator[list[str]]:
+    """Every file Python opens inside the block (any thread), as real paths."""
+    global _opened
+    _opened = []
+    try:
+        yield _opened
+    finally:
+        _opened = None
