@@ -1,13 +1,9 @@
-"""What several test modules build the same way: analyses with known scores, images, Dagster runs of one advisor,
-and a record of the files a piece of code opens."""
+"""What several test modules build the same way: analyses with known scores, images, Dagster runs of one advisor.
+(Recording the files and connections code opens is `guards.py`'s.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -57,25 +53,3 @@ def materialize_partition(selection: list[str], advisor: str, resources: dict, i
 
 def step_events(result: dg.ExecuteInProcessResult, step: str) -> list[str]:
     return [e.event_type_value for e in result.all_events if e.step_key == step]
-
-
-_opened: list[str] | None = None
-
-
-def _record_open(event: str, args: tuple) -> None:
-    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
-        _opened.append(os.path.realpath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_record_open)  # audit hooks cannot be removed: this one records only inside `files_opened`
-
-
-@contextmanager
-def files_opened() -> Iterator[list[str]]:
-    """Every file Python opens inside the block (any thread), as real paths."""
-    global _opened
-    _opened = []
-    try:
-        yield _opened
-    finally:
-        _opened = None

@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from PIL import Image
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.evaluation.gates import evaluate_gates
@@ -19,24 +17,9 @@ from mondrian_assets.core.inference import generate as inf
 from mondrian_assets.core.inference import loading
 from mondrian_assets.core.inference.records import EvalExample, Generation, LoopRule
 from mondrian_assets.demo.tiny_model import build_tiny_base_model
+from helpers import analysis_json, random_image
 
 MAX_TOKENS = 48
-
-
-def reference(overall: int) -> str:
-    dims = [
-        {"name": n, "score": overall, "comment": "Balanced.", "recommendation": "Lower the horizon."}
-        for n in schema.DIMENSION_NAMES[:7]
-    ]
-    data = {
-        "image_description": "Dunes under a low sun.",
-        "dimensions": dims,
-        "overall_score": overall,
-        "key_strengths": ["texture"],
-        "priority_improvements": ["sky"],
-        "technical_notes": "f/11",
-    }
-    return json.dumps(data, separators=(",", ":"))
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +30,15 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_path(workdir) -> str:
     prompt = schema.build_prompt(None, "You are Ansel Adams.")
-    corpus = [prompt, *(reference(s) for s in range(3, 11))]
+    corpus = [prompt, *(analysis_json(s) for s in range(3, 11))]
     return str(build_tiny_base_model(workdir / "base", corpus, seed=0))
 
 
 @pytest.fixture(scope="module")
 def examples(workdir) -> list[EvalExample]:
-    out = []
-    for i, size in enumerate([(96, 72), (64, 96)]):
-        path = workdir / f"photo{i}.jpg"
-        pixels = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path)
-        out.append(EvalExample(f"ex{i}", path, schema.build_prompt(None, "You are Ansel Adams."), reference(6 + i)))
-    return out
+    prompt = schema.build_prompt(None, "You are Ansel Adams.")
+    return [EvalExample(f"ex{i}", random_image(workdir / f"photo{i}.jpg", size, seed=i), prompt, analysis_json(6 + i))
+            for i, size in enumerate([(96, 72), (64, 96)])]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +94,7 @@ def test_prompt_is_the_training_chat_format(base):
     assert text == user + "<|im_start|>assistant\n"
 
 
-def test_max_tokens_covers_the_longest_reference(base, examples):
+def test_max_tokens_covers_the_longest_analysis_json(base, examples):
     longest = max(len(base.tokenizer.encode(e.reference, add_special_tokens=False)) for e in examples)
     assert inf.max_tokens_for(base, [e.reference for e in examples]) >= longest * 1.25
 

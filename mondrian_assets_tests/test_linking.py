@@ -5,6 +5,7 @@ import sqlite3
 from pathlib import Path
 
 import dagster as dg
+import guards
 import pytest
 import sqlalchemy as sa
 
@@ -15,7 +16,6 @@ from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.demo.app import append_demo_jobs, generate_demo_app
-from mondrian_assets_tests.helpers import files_opened
 
 # What linking must do with each fault the demo generator plants (None: the job is linked).
 EXPECTED = {
@@ -135,21 +135,22 @@ def test_legacy_era_database_links(tmp_path):
     assert set(result.records["analysis_source"]) <= {"analysis_markdown.path", "analysis_markdown.text", "fallback_file", "html_card"}
 
 
-def test_relink_after_new_jobs_opens_only_the_new_files(locations):
+def test_relink_after_new_jobs_opens_only_the_new_files(locations, tmp_path):
     cache_engine = state_engine(locations.state_db)
     first = link(locations, LinkCache(cache_engine))
     new_ids = append_demo_jobs(locations.app_dir, 10, seed=99)
-    with files_opened() as opened:
+    with guards.guarded(tmp_path / "opens.jsonl", watch=(locations.app_dir,)) as events:
         second = link(locations, LinkCache(cache_engine))
     assert set(new_ids) <= set(second.records["job_id"])
     assert len(second.records) == len(first.records) + 10
 
-    old_files = {os.path.realpath(p) for column in ("image_path", "analysis_path")
+    opened = {e["open"] for e in events if "open" in e}
+    old_files = {os.path.abspath(p) for column in ("image_path", "analysis_path")
                  for p in first.records[column].dropna()}  # fmt: skip
     assert old_files, "the first link must have linked files"
-    assert not old_files & set(opened), "an unchanged file was opened again"
+    assert not old_files & opened, "an unchanged file was opened again"
     new_records = second.records[second.records["job_id"].isin(new_ids)]
-    assert {os.path.realpath(p) for p in new_records["image_path"]} <= set(opened)  # and the new ones were read
+    assert {os.path.abspath(p) for p in new_records["image_path"]} <= opened  # and the new ones were read
 
 
 def test_changed_file_is_reread(locations):

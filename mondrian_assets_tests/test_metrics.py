@@ -14,25 +14,9 @@ from mondrian_assets.core.evaluation.overhead import OverheadMeasurement
 from mondrian_assets.core.evaluation.paired import PAIRED_RULE, WORST_SCORE_ERROR, paired_score_errors
 from mondrian_assets.core.inference import records
 from mondrian_assets.core.inference.records import EvalExample, Generation
+from helpers import analysis_json
 
-DIMS = ("Composition", "Lighting", "Focus & Sharpness")
 PROMPT = schema.build_prompt(None, 'Answer like {"overall_score": 7.4}.')
-
-
-def analysis_json(overall: float, dims: dict[str, float] | None = None) -> str:
-    dims = dims if dims is not None else {name: overall for name in DIMS}
-    return json.dumps(
-        {
-            "image_description": "A barn under snow.",
-            "dimensions": [
-                {"name": n, "score": s, "comment": "Fine.", "recommendation": "Crop tighter."} for n, s in dims.items()
-            ],
-            "overall_score": overall,
-            "key_strengths": ["tones"],
-            "priority_improvements": ["horizon"],
-            "technical_notes": "f/8",
-        }
-    )
 
 
 def gen(text: str, *, latency: float = 1.0, tokens: int = 10, tps: float = 10.0, reason: str = "stop") -> Generation:

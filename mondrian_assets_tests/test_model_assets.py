@@ -9,7 +9,7 @@ import pytest
 from mondrian_assets.core.training.worker import CRASH_AFTER_STEP_ENV
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MlxTrainer
-from mondrian_assets_tests.helpers import materialize_partition, step_events
+from helpers import materialize_partition, step_events
 
 def run(selection, advisor, mondrian_db, trainer, instance, run_config=None) -> dg.ExecuteInProcessResult:
     resources = {"mondrian_db": mondrian_db, "mlx_trainer": trainer}

@@ -16,22 +16,9 @@ from mondrian_assets.core.evaluation import charts, report
 from mondrian_assets.core.evaluation import gates as gt
 from mondrian_assets.core.evaluation import metrics as m
 from mondrian_assets.core.inference.records import EvalExample, Generation
+from helpers import analysis_dict
 
 SCRIPT = '<script>alert("x")</script>'
-
-
-def analysis(overall: float) -> dict:
-    return {
-        "image_description": "A pier at dusk.",
-        "dimensions": [
-            {"name": n, "score": overall, "comment": "ok", "recommendation": "wait for the light"}
-            for n in ("Composition", "Lighting")
-        ],
-        "overall_score": overall,
-        "key_strengths": ["calm"],
-        "priority_improvements": ["horizon"],
-        "technical_notes": "1/60 s",
-    }
 
 
 def gen(text: str, latency: float = 1.0) -> Generation:
@@ -47,15 +34,15 @@ def evaluation(tmp_path):
         Image.new("RGB", size, (40 * i, 90, 160)).save(path)
         images.append(path)
     examples = [
-        EvalExample(f"job-{i}", images[i], schema.build_prompt(None, "Be Ansel."), json.dumps(analysis(s)))
+        EvalExample(f"job-{i}", images[i], schema.build_prompt(None, "Be Ansel."), json.dumps(analysis_dict(s)))
         for i, s in enumerate((8, 6, 7))
     ]
-    out_of_range = analysis(7) | {"overall_score": 14}
-    fenced = "```json\n" + json.dumps(analysis(5)) + "\n```"
+    out_of_range = analysis_dict(7) | {"overall_score": 14}
+    fenced = "```json\n" + json.dumps(analysis_dict(5)) + "\n```"
     base = [gen("I cannot " + SCRIPT), gen(json.dumps(out_of_range)), gen(fenced)]
-    with_script = analysis(6) | {"technical_notes": SCRIPT}
-    tuned = [gen(json.dumps(analysis(8))), gen(json.dumps(with_script)), gen('{"image_desc')]
-    train = [schema.parse_analysis(json.dumps(analysis(s))).analysis for s in (6, 8)]
+    with_script = analysis_dict(6) | {"technical_notes": SCRIPT}
+    tuned = [gen(json.dumps(analysis_dict(8))), gen(json.dumps(with_script)), gen('{"image_desc')]
+    train = [schema.parse_analysis(json.dumps(analysis_dict(s))).analysis for s in (6, 8)]
     comparison = m.compare(examples, base, tuned, train)
     gates = gt.evaluate_gates(comparison)
     return examples, base, tuned, comparison, gates, tmp_path / "evaluation" / "ansel"

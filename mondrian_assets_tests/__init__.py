@@ -1,1 +1,0 @@
-"""Tests; `helpers` holds what several of them build the same way."""
