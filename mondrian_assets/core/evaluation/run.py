@@ -15,6 +15,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from mondrian_assets.core.base_model import resolve_base
 from mondrian_assets.core.evaluation.charts import comparison_chart_png
 from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, evaluate_gates, verdict
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
@@ -74,6 +75,7 @@ def evaluate_adapter(
     examples = load_eval_examples(val_json, limit=settings.max_examples)
     if not examples:
         raise ValueError(f"{val_json} holds no validation examples")
+    base_model = str(resolve_base(base_model).path)  # a hub id from the local cache, like training
     # One model in memory at a time for the long generations (two 4B models would not fit a small Mac); both
     # only while the overhead is timed, interleaved on a few prompts.
     base = load_for_inference(base_model, None)
