@@ -48,7 +48,8 @@ def _comparison_md(comparison: dict | None) -> str:
     ])  # fmt: skip
 
 
-@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"sqlite"})
+@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"sqlite"},
+          code_version="1")  # bump when the deploy decision rule changes
 def deployed_version(
     context: dg.AssetExecutionContext, config: DeployConfig, mondrian_db: MondrianDatabase, eval_report: dict
 ) -> dg.Output[dict]:

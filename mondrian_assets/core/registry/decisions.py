@@ -22,6 +22,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from mondrian_assets.core.evaluation.paired import WORST_SCORE_ERROR, paired_score_errors
 from mondrian_assets.core.registry.evidence import Evidence, ExampleOutcome
 from mondrian_assets.core.registry.pointer import sync_pointer
 from mondrian_assets.core.registry.versions import (
@@ -41,7 +42,7 @@ from mondrian_assets.core.registry.versions import (
 )
 
 DEFAULT_KEEP_LAST = 5
-WORST_ERROR = 9.0  # an invalid answer counts as the largest possible overall-score error (scores are 1-10)
+WORST_ERROR = WORST_SCORE_ERROR  # an invalid answer counts as the largest possible overall-score error (9)
 
 
 @dataclass(frozen=True)
@@ -64,27 +65,22 @@ class ActiveComparison:
                 "active_valid": self.active_valid, "invalid_counts_as": WORST_ERROR}  # fmt: skip
 
 
-def _error(outcome: ExampleOutcome) -> float:
-    assert outcome.reference_score is not None
-    return abs(outcome.score - outcome.reference_score) if outcome.valid and outcome.score is not None else WORST_ERROR
-
-
 def candidate_vs_active(candidate: list[ExampleOutcome], active: list[ExampleOutcome]) -> ActiveComparison:
-    """Paired: the same examples for both; an invalid answer is the worst error on its example."""
+    """Paired, by the evaluation's own rule (`paired.paired_score_errors`): the same examples for both; an invalid
+    answer is the worst error on its example."""
     by_id = {o.example_id: o for o in active}
     if set(by_id) != {o.example_id for o in candidate}:
         raise RegistryError("the candidate and the active version were evaluated on different examples")
-    pairs = [(c, by_id[c.example_id]) for c in candidate if c.reference_score is not None]
-    if not pairs:
+    pairs = [(c, by_id[c.example_id]) for c in candidate]
+    paired = paired_score_errors(
+        [c.reference_score for c, _ in pairs],
+        [a.score if a.valid else None for _, a in pairs],
+        [c.score if c.valid else None for c, _ in pairs],
+        invalid_error=WORST_ERROR,
+    )  # fmt: skip
+    if paired.mae_a is None or paired.mae_b is None:
         raise RegistryError("no validation example has a valid reference: nothing to compare on")
-    n = len(pairs)
-    return ActiveComparison(
-        examples=n,
-        candidate_error=sum(_error(c) for c, _ in pairs) / n,
-        active_error=sum(_error(a) for _, a in pairs) / n,
-        candidate_valid=sum(c.valid for c, _ in pairs),
-        active_valid=sum(a.valid for _, a in pairs),
-    )
+    return ActiveComparison(paired.examples, paired.mae_b, paired.mae_a, paired.valid_b, paired.valid_a)
 
 
 @dataclass(frozen=True)
