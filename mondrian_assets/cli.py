@@ -184,11 +184,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """`dagster dev`: the webserver and the daemon (which runs the sensors, the schedules and the run queue)
+    together, on this project's instance and workspace.yaml; Ctrl-C stops both."""
     loc = _use_demo_if_unset(args)
     _instance(loc)
     repo_root = Path(__file__).resolve().parent.parent
-    argv = ["dagster", "dev", "-w", str(repo_root / "workspace.yaml"), "-p", str(args.port)]
-    os.execvp(argv[0], argv)
+    argv = [sys.executable, "-m", "dagster", "dev", "-w", str(repo_root / "workspace.yaml"),
+            "-h", args.host, "-p", str(args.port)]  # fmt: skip
+    os.execv(argv[0], argv)  # this interpreter: the venv's dagster, whether or not the venv is on PATH
     return 0
 
 
@@ -229,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry_commands.add_commands(sub, common)
 
-    p = sub.add_parser("ui", parents=[common], help="open the Dagster web UI on this project's instance")
+    p = sub.add_parser("ui", parents=[common], help="the Dagster web UI and daemon (sensors, schedules) on this project's instance")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)
     return parser
