@@ -37,6 +37,7 @@ def _name(version) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from mondrian_assets.core.registry.recheck import last_recheck
     from mondrian_assets.core.registry.status import registry_status
 
     engine, loc = _registry(args)
@@ -44,13 +45,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not statuses:
         print(f"no versions registered under {loc.models} yet (run the main job: ./dev demo)")
         return 0
-    rows = []
+    rows, regressed = [], []
     for s in statuses:
         last = s.last_decision
         decision = f"{last.action} v{last.to_version} at {last.at} by {last.actor}: {'; '.join(last.reasons)}" if last else "-"
+        recheck = last_recheck(engine, s.advisor)
+        nightly = f"{'passed' if recheck.passed else 'FAILED'} v{recheck.version} at {recheck.evaluated_at}" if recheck else "-"
+        if recheck is not None and not recheck.passed:
+            regressed.append(f"nightly re-check FAILED: {s.advisor}-v{recheck.version} at {recheck.evaluated_at}: "
+                             + "; ".join(recheck.reasons) + f" (report: {recheck.report})")  # fmt: skip
         rows.append([s.advisor, str(len(s.versions)), _name(s.active), _name(s.pinned), _name(s.previous),
-                     s.last_evaluation or "-", decision])  # fmt: skip
-    print(_table(["advisor", "versions", "active", "pinned", "previous", "last evaluation", "last decision"], rows))
+                     s.last_evaluation or "-", nightly, decision])  # fmt: skip
+    print(_table(["advisor", "versions", "active", "pinned", "previous", "last evaluation", "nightly check",
+                  "last decision"], rows))  # fmt: skip
+    for line in regressed:
+        print(line)
     for s in statuses:
         if s.pointer_repaired:
             print(f"repaired {loc.models / (s.advisor + '-active')} -> {s.pointer or '(removed)'} to match the registry")

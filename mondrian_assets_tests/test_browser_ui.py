@@ -20,7 +20,9 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-ASSETS = ("linked_records", "train_split", "val_split", "lora_adapter", "eval_report")
+ASSETS = ("linked_records", "train_split", "val_split", "lora_adapter", "eval_report", "deployed_version",
+          "active_version_evaluation")
+VIEWPORT, GRAPH_VIEWPORT = {"width": 1600, "height": 1000}, {"width": 3600, "height": 1400}
 ADVISOR = "weston"  # a small demo advisor (13 train / 2 val): a short run
 # Small settings, typed into the launchpad: a few training steps and a short evaluation
 RUN_CONFIG = (
@@ -115,7 +117,7 @@ def test_ui_shows_the_graph_launches_an_advisor_run_and_its_eval_report(ui_serve
     url, home = ui_server
     shots = tmp_path_factory.mktemp("ui_screenshots")
     print(f"\nscreenshots: {shots}")
-    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page = browser.new_page(viewport=VIEWPORT)
     page.set_default_timeout(60_000)
     try:
         _drive_the_ui(page, url, home, shots)
@@ -131,11 +133,13 @@ def _drive_the_ui(page, url: str, home: Path, shots: Path) -> None:
     # the asset graph: every asset of the loop, around lora_adapter at full depth
     _dismiss_first_visit_dialogs(page)
     page.goto(f"{url}/assets/lora_adapter?view=lineage")
+    page.set_viewport_size(GRAPH_VIEWPORT)  # the graph draws only the nodes in view: make room for all of them
     page.locator("button").filter(has_text=re.compile(r"^All$")).click()
     graph_nodes = page.locator("foreignObject")
     for asset in ASSETS:
         expect(graph_nodes.filter(has_text=re.compile(rf"^{asset}")).first).to_be_visible()
     page.screenshot(path=shots / "1_asset_graph.png")
+    page.set_viewport_size(VIEWPORT)
 
     # link the app's jobs (this also adds the advisor partitions), from the asset's own page
     page.goto(f"{url}/assets/linked_records")
@@ -174,3 +178,5 @@ def _drive_the_ui(page, url: str, home: Path, shots: Path) -> None:
     event = instance.get_latest_materialization_event(dg.AssetKey("eval_report"))
     assert event is not None and event.asset_materialization.partition == ADVISOR
     assert (home / "evaluation" / ADVISOR / "comparison_report.json").is_file()
+    decision = instance.get_latest_materialization_event(dg.AssetKey("deployed_version"))
+    assert decision is not None and decision.asset_materialization.partition == ADVISOR

@@ -90,3 +90,16 @@ def test_out_of_bounds_training_settings_are_refused_by_name(field, value):
         MlxTrainer(**{field: value})
     with pytest.raises(TrainingConfigError, match=field):  # core refuses it too, before loading anything
         check_numbers(replace(TrainConfig(base_model="unused"), **{field: value}))
+
+
+def test_the_nightly_schedule_and_its_job_are_in_the_code_location():
+    defs = workspace_definitions()
+    schedule = next(s for s in defs.schedules if s.name == "nightly_evaluation_schedule")
+    assert schedule.job_name == "nightly_evaluation_job" and schedule.cron_schedule == "0 2 * * *"
+    assert schedule.default_status.value == "RUNNING"
+    job_assets = defs.resolve_job_def("nightly_evaluation_job").asset_layer.executable_asset_keys
+    assert {k.to_user_string() for k in job_assets} == {"active_version_evaluation"}
+    # a retrain never runs the nightly re-check
+    for name in ("train_job", "advisor_job"):
+        assert "active_version_evaluation" not in {
+            k.to_user_string() for k in defs.resolve_job_def(name).asset_layer.executable_asset_keys}

@@ -77,6 +77,30 @@ version_evaluations_table = sa.Table(
 )
 
 
+# --- the nightly re-check of each advisor's active version (core/registry/recheck.py): one row per re-check ---
+evaluation_history_table = sa.Table(
+    "evaluation_history",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("advisor", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("evaluated_at", sa.Text, nullable=False),
+    sa.Column("validation_data", sa.Text, nullable=False),
+    sa.Column("val_sha256", sa.Text, nullable=False),  # which validation data it was judged on
+    sa.Column("examples", sa.Integer, nullable=False),
+    sa.Column("format_compliance", sa.Float),
+    sa.Column("overall_score_mae", sa.Float),
+    sa.Column("reference_format_compliance", sa.Float),  # the deployment-time evaluation's
+    sa.Column("reference_overall_score_mae", sa.Float),
+    sa.Column("min_format_compliance", sa.Float, nullable=False),
+    sa.Column("mae_tolerance", sa.Float, nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False),  # JSON list of sentences
+    sa.Column("report", sa.Text, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),  # the Dagster run id, or `cli:<user>`
+)
+
 def state_engine(state_db: Path) -> sa.Engine:
     """Our own SQLite file (never the app's): created on first use."""
     state_db.parent.mkdir(parents=True, exist_ok=True)

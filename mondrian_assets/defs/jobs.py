@@ -10,12 +10,15 @@ split_job = dg.define_asset_job(
     "split_job", selection=dg.AssetSelection.assets("train_split", "val_split"),
     description="Build one advisor's train/val split.",
 )  # fmt: skip
+# The data and model groups keep the nightly re-check (group monitoring, downstream of deployed_version) out of a
+# training run.
+_LOOP = dg.AssetSelection.groups("data", "model")
 train_job = dg.define_asset_job(
-    "train_job", selection=dg.AssetSelection.assets("lora_adapter").downstream(),
+    "train_job", selection=dg.AssetSelection.assets("lora_adapter").downstream() & _LOOP,
     description="Train one advisor's adapter and everything after it, on its current split.",
 )  # fmt: skip
 advisor_job = dg.define_asset_job(
     "advisor_job",
-    selection=dg.AssetSelection.assets("linked_records").downstream() - dg.AssetSelection.assets("linked_records"),
+    selection=(dg.AssetSelection.assets("linked_records").downstream() & _LOOP) - dg.AssetSelection.assets("linked_records"),
     description="Build one advisor's splits and everything after them.",
 )

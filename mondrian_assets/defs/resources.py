@@ -1,6 +1,7 @@
-"""Resources: the app's SQLite database (read-only) beside our own state DB, and the MLX trainer."""
+"""Resources: the app's SQLite database (read-only) beside our own state DB, the MLX trainer, the alert webhook."""
 
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
+from mondrian_assets.core.alerts import AlertNotSent, post_alert
 from mondrian_assets.core.base_model import ResolvedBase, resolve_base
 from mondrian_assets.core.data.app_db import read_only_engine
 from mondrian_assets.core.locations import Locations
@@ -81,3 +83,24 @@ class MlxTrainer(_TrainerFields):
 
     def train_config(self, base: ResolvedBase) -> TrainConfig:
         return TrainConfig.from_dict(values_for(TrainConfig, self, base_model=str(base.path)))
+
+
+class AlertWebhook(dg.ConfigurableResource):
+    """Where alerts go: a webhook URL that receives a JSON POST (e.g. a Slack incoming webhook). Empty: no alert
+    is sent. Default: $MONDRIAN_ALERT_WEBHOOK."""
+
+    url: str | None = Field(default=None, description="Webhook URL; empty: $MONDRIAN_ALERT_WEBHOOK, or no alerts.")
+
+    def resolved_url(self) -> str | None:
+        return self.url or os.environ.get("MONDRIAN_ALERT_WEBHOOK") or None
+
+    def send(self, payload: dict) -> str:
+        """Post `payload`; say what happened (sent, not configured, or why it failed) instead of raising: a
+        missed alert must not hide the failure it reports."""
+        url = self.resolved_url()
+        if url is None:
+            return "no alert webhook configured (set MONDRIAN_ALERT_WEBHOOK or the alert_webhook resource)"
+        try:
+            return f"alert sent to {url} (HTTP {post_alert(url, payload)})"
+        except AlertNotSent as exc:
+            return str(exc)
