@@ -130,6 +130,7 @@ def test_ui_shows_the_graph_launches_an_advisor_run_and_its_eval_report(ui_serve
 def _drive_the_ui(page, url: str, home: Path, shots: Path) -> None:
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=60_000)  # pages load slowly on a busy 2-core machine
     # the asset graph: every asset of the loop, around lora_adapter at full depth
     _dismiss_first_visit_dialogs(page)
     page.goto(f"{url}/assets/lora_adapter?view=lineage")
@@ -155,6 +156,7 @@ def _drive_the_ui(page, url: str, home: Path, shots: Path) -> None:
     editor.click()
     page.keyboard.press("Control+A")
     page.keyboard.insert_text(RUN_CONFIG)  # inserted as typed text, without the editor's auto-indent
+    page.keyboard.press("Home")  # back to the start of the line for the screenshot
     expect(page.get_by_text("No errors")).to_be_visible()
     page.screenshot(path=shots / "2_launchpad.png")
     page.get_by_role("button", name="Launch Run").click()
