@@ -13,13 +13,17 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core.data import app_db, linker
-from mondrian_assets.core.data.link_cache import LinkCache
+from mondrian_assets.core.data.job_changes import read_changed_jobs
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MondrianDatabase
 
 NAMES = ("Composition", "Lighting", "Focus & Sharpness", "Color Harmony", "Depth & Perspective", "Visual Balance",
          "Emotional Impact")  # fmt: skip
+
+
+def read_jobs(conn) -> list:
+    return list(read_changed_jobs(conn, None).rows.values())
 
 
 def analysis(**changes) -> dict:
@@ -81,8 +85,7 @@ def link_outcomes(app_dir: Path, home: Path) -> dict[str, str]:
     """job id -> 'linked' or its skip reason."""
     loc = Locations.resolve(app_dir=str(app_dir), home=str(home), environ={})
     with app_db.read_only_engine(loc.db_path, busy_timeout_s=0.5).connect() as conn:
-        jobs = app_db.read_jobs(conn)
-    result = linker.link_jobs(jobs, loc, LinkCache(None))
+        result = linker.link(conn, loc)
     outcome = {j: "linked" for j in result.records["job_id"]}
     for skip in result.skips:
         outcome.setdefault(skip.job_id, skip.reason)
@@ -103,7 +106,7 @@ def test_corrupt_database_is_a_clear_error(tmp_path, content):
     db.write_bytes(content)
     with pytest.raises(app_db.AppDatabaseError, match="not a readable SQLite database|no `jobs` table"):
         with app_db.read_only_engine(db).connect() as conn:
-            app_db.read_jobs(conn)
+            read_jobs(conn)
 
 
 def test_truncated_database_is_a_clear_error(app, tmp_path):
@@ -113,7 +116,7 @@ def test_truncated_database_is_a_clear_error(app, tmp_path):
     truncated.write_bytes(app.db.read_bytes()[: app.db.stat().st_size // 2])
     with pytest.raises(app_db.AppDatabaseError, match="malformed.*restore it from a backup"):
         with app_db.read_only_engine(truncated).connect() as conn:
-            app_db.read_jobs(conn)
+            read_jobs(conn)
 
 
 def test_database_locked_longer_than_the_timeout_is_a_clear_error(app):
@@ -124,7 +127,7 @@ def test_database_locked_longer_than_the_timeout_is_a_clear_error(app):
     try:
         with pytest.raises(app_db.AppDatabaseError, match=r"locked by another writer for more than 0.3 s.*busy_timeout_s"):
             with app_db.read_only_engine(app.db, busy_timeout_s=0.3).connect() as conn:
-                app_db.read_jobs(conn)
+                read_jobs(conn)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
@@ -137,7 +140,7 @@ def test_writer_releasing_within_the_timeout_is_waited_for(app):
     writer.execute("UPDATE jobs SET status = 'processing'")
     threading.Timer(0.3, lambda: (writer.execute("COMMIT"), writer.close())).start()
     with app_db.read_only_engine(app.db, busy_timeout_s=10).connect() as conn:
-        assert [j.status for j in app_db.read_jobs(conn)] == ["processing"]  # the committed state, whole
+        assert [j.status for j in read_jobs(conn)] == ["processing"]  # the committed state, whole
 
 
 def test_missing_jobs_table_is_a_clear_error(tmp_path):
@@ -147,7 +150,7 @@ def test_missing_jobs_table_is_a_clear_error(tmp_path):
     conn.close()
     with pytest.raises(app_db.AppDatabaseError, match="no `jobs` table"):
         with app_db.read_only_engine(db).connect() as conn:
-            app_db.read_jobs(conn)
+            read_jobs(conn)
 
 
 def test_missing_columns_and_nulls_are_skip_reasons(app, tmp_path):
@@ -280,7 +283,7 @@ def test_duplicate_and_suffixed_job_ids(tmp_path):
     app.job("other", image=None, filename="again.jpg")  # the first job's picture under another name
     loc = Locations.resolve(app_dir=str(app.root), home=str(tmp_path / "h"), environ={})
     with app_db.read_only_engine(loc.db_path).connect() as conn:
-        result = linker.link_jobs(app_db.read_jobs(conn), loc, LinkCache(None))
+        result = linker.link(conn, loc)
     assert sorted(result.records["job_id"]) == [uuid, f"{uuid} (rag)"]
     assert result.records.set_index("job_id").loc[uuid, "image_path"].endswith("first.jpg")
     assert sorted((s.job_id, s.reason) for s in result.skips) == [(uuid, "duplicate_job_id"), ("other", "duplicate_image")]

@@ -8,7 +8,6 @@ import dagster as dg
 import pytest
 
 from mondrian_assets.core.data import app_db, html_card, linker
-from mondrian_assets.core.data.link_cache import LinkCache
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.schema import parse_analysis
 from mondrian_assets.defs import linking
@@ -123,8 +122,7 @@ def test_demo_cards_recover_the_scores_and_grade_they_show(pristine_demo):
 
 def _link(loc: Locations, **options) -> linker.LinkResult:
     with app_db.read_only_engine(loc.db_path).connect() as conn:
-        jobs = app_db.read_jobs(conn)
-    return linker.link_jobs(jobs, loc, LinkCache(None), **options)
+        return linker.link(conn, loc, **options)
 
 
 def test_linker_marks_recovered_cards_and_the_switch_turns_recovery_off(pristine_demo, tmp_path):

@@ -11,20 +11,19 @@ import time
 import pytest
 
 from mondrian_assets.core.data import app_db, linker
-from mondrian_assets.core.data.link_cache import LinkCache
+from mondrian_assets.core.data.link_cache import LinkStore
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.locations import Locations
 
 LINK = """import sys
 from mondrian_assets.core.data import app_db, linker
-from mondrian_assets.core.data.link_cache import LinkCache
+from mondrian_assets.core.data.link_cache import LinkStore
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.locations import Locations
 loc = Locations.resolve(app_dir=sys.argv[1], home=sys.argv[2], environ={})
 with app_db.read_only_engine(loc.db_path).connect() as conn:
-    jobs = app_db.read_jobs(conn)
-print("linking", flush=True)
-linker.write_manifest(linker.link_jobs(jobs, loc, LinkCache(state_engine(loc.state_db)), workers=1), loc)
+    print("linking", flush=True)
+    linker.write_manifest(linker.link(conn, loc, LinkStore(state_engine(loc.state_db)), workers=1), loc)
 """
 
 
@@ -39,8 +38,7 @@ def test_link_killed_mid_run_then_rerun_equals_an_uninterrupted_link(pristine_de
     app = str(pristine_demo.app_dir)
     clean = Locations.resolve(app_dir=app, home=str(tmp_path / "clean"), environ={})
     with app_db.read_only_engine(clean.db_path).connect() as conn:
-        jobs = app_db.read_jobs(conn)
-    linker.write_manifest(linker.link_jobs(jobs, clean, LinkCache(None)), clean)
+        linker.write_manifest(linker.link(conn, clean), clean)
 
     home = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, "-c", LINK, app, str(home)], stdout=subprocess.PIPE, text=True)
@@ -57,7 +55,7 @@ def test_link_killed_mid_run_then_rerun_equals_an_uninterrupted_link(pristine_de
     assert _records(loc) == _records(clean)
     assert [p.name for p in loc.training_data.iterdir() if p.name.startswith(".")] == []
     # the cache a killed run may have left is usable: a third run reads everything from it
-    cache = LinkCache(state_engine(loc.state_db))
+    store = LinkStore(state_engine(loc.state_db))
     with app_db.read_only_engine(loc.db_path).connect() as conn:
-        again = linker.link_jobs(app_db.read_jobs(conn), loc, cache)
+        again = linker.link(conn, loc, store)
     assert again.cache_misses == 0 and sorted(again.records["job_id"]) == [r["job_id"] for r in _records(clean)]

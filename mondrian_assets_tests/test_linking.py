@@ -6,11 +6,13 @@ from pathlib import Path
 
 import dagster as dg
 import guards
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
 from mondrian_assets.core.data import app_db, linker
-from mondrian_assets.core.data.link_cache import LinkCache
+from mondrian_assets.core.data.job_changes import read_changed_jobs
+from mondrian_assets.core.data.link_cache import LinkStore
 from mondrian_assets.core.locations import Locations, PathRejected
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.defs import linking
@@ -55,10 +57,9 @@ EXPECTED = {
 }
 
 
-def link(loc: Locations, cache: LinkCache | None = None) -> linker.LinkResult:
+def link(loc: Locations, store: LinkStore | None = None, *, full: bool = False) -> linker.LinkResult:
     with app_db.read_only_engine(loc.db_path).connect() as conn:
-        jobs = app_db.read_jobs(conn)
-    return linker.link_jobs(jobs, loc, cache or LinkCache(None))
+        return linker.link(conn, loc, store, full=full)
 
 
 def test_every_planted_fault_has_its_outcome(pristine_demo, tmp_path):
@@ -136,11 +137,11 @@ def test_legacy_era_database_links(tmp_path):
 
 
 def test_relink_after_new_jobs_opens_only_the_new_files(locations, tmp_path):
-    cache_engine = state_engine(locations.state_db)
-    first = link(locations, LinkCache(cache_engine))
+    store = LinkStore(state_engine(locations.state_db))
+    first = link(locations, store)
     new_ids = append_demo_jobs(locations.app_dir, 10, seed=99)
     with guards.guarded(tmp_path / "opens.jsonl", watch=(locations.app_dir,)) as events:
-        second = link(locations, LinkCache(cache_engine))
+        second = link(locations, store)
     assert set(new_ids) <= set(second.records["job_id"])
     assert len(second.records) == len(first.records) + 10
 
@@ -153,12 +154,103 @@ def test_relink_after_new_jobs_opens_only_the_new_files(locations, tmp_path):
     assert {os.path.abspath(p) for p in new_records["image_path"]} <= opened  # and the new ones were read
 
 
+def assert_same_link(a: linker.LinkResult, b: linker.LinkResult) -> None:
+    pd.testing.assert_frame_equal(a.records, b.records)
+    assert a.skips == b.skips
+
+
+def test_relink_after_new_jobs_reads_only_the_new_rows_and_files(locations):
+    store = LinkStore(state_engine(locations.state_db))
+    first = link(locations, store)
+    assert first.jobs_read > 100
+    new_ids = append_demo_jobs(locations.app_dir, 10, seed=99)
+    second = link(locations, store)
+    assert set(new_ids) <= set(second.records["job_id"])
+    assert len(second.records) == len(first.records) + 10
+    unfinished = sum(s.reason == "not_finished" for s in first.skips)
+    assert second.jobs_read == 10 + unfinished  # the new rows, and the rows that were not finished yet
+    assert second.files_changed == 0  # appending touched no file an older job depends on
+    # the new images, and at most one analysis file each, are all that was read
+    assert 10 <= second.cache_misses <= 20
+    assert_same_link(second, link(locations))
+
+
+def test_incremental_link_equals_a_full_link_after_every_kind_of_change(locations, pristine_demo):
+    """Rows appended, updated to finished, deleted, an earlier duplicate inserted; files written, replaced,
+    changed in place and deleted: the incremental result must be the full link's, row for row, skip for skip."""
+    store = LinkStore(state_engine(locations.state_db))
+    first = link(locations, store)
+    records = first.records.set_index("job_id")
+    skipped = {s.job_id: s for s in first.skips}
+    db = sqlite3.connect(locations.db_path)
+
+    append_demo_jobs(locations.app_dir, 6, seed=5)
+    # an analysis_md fallback file appears for a job that had none
+    missing = pristine_demo.planted["missing_analysis"][0]
+    advisor = skipped[missing].advisor
+    (locations.analysis_dir / f"analysis-{advisor}-{missing}.md").write_text(records["analysis_json"].iloc[0])
+    # a job that was still running finishes, with its analysis text in the row
+    running = next(j for j, s in skipped.items() if s.reason == "not_finished" and s.advisor in ("ansel", "weston"))
+    db.execute("UPDATE jobs SET status = 'completed', analysis_markdown = ? WHERE id = ?",
+               (records["analysis_json"].iloc[1], running))  # fmt: skip
+    # a linked job's row is deleted; another's image is deleted; a third's image is rewritten in place
+    linked = list(records.index)
+    db.execute("DELETE FROM jobs WHERE id = ?", (linked[2],))
+    os.remove(records.loc[linked[3], "image_path"])
+    Path(records.loc[linked[4], "image_path"]).write_bytes(b"not an image any more")
+    # a linked job's analysis file is replaced by a broken one (a new inode, as an atomic save makes)
+    with_file = records[records["analysis_path"].notna()]
+    victim = Path(with_file["analysis_path"].iloc[0])
+    (victim.parent / "tmp.md").write_text("{ broken")
+    os.replace(victim.parent / "tmp.md", victim)
+    # an earlier job with the same picture as a linked one: it wins the deduplication in a full link
+    winner = records[records["image_path"].str.contains("/uploads/")].iloc[5]
+    row = dict(db.execute("SELECT * FROM jobs WHERE id = ?", (winner.name,)).fetchone() and
+               zip([c[0] for c in db.execute("SELECT * FROM jobs").description],
+                   db.execute("SELECT * FROM jobs WHERE id = ?", (winner.name,)).fetchone()))  # fmt: skip
+    row.update(id="earlier-twin", created_at="2000-01-01T00:00:00")
+    db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+    db.commit()
+    db.close()
+
+    second = link(locations, store)
+    full = link(locations)
+    assert_same_link(second, full)
+    reasons = {s.job_id: s.reason for s in second.skips}
+    assert missing in set(second.records["job_id"]) and running in set(second.records["job_id"])
+    assert linked[2] not in reasons and linked[2] not in set(second.records["job_id"])
+    assert reasons[linked[3]] == "image_not_found" and reasons[linked[4]] == "image_undecodable"
+    assert reasons[with_file.index[0]].startswith("analysis_")
+    assert reasons[winner.name] == "duplicate_image" and "earlier-twin" in set(second.records["job_id"])
+    assert second.jobs_read < 40 and second.files_changed >= 4
+    # and a link with nothing new reads nothing but the unfinished rows
+    third = link(locations, store)
+    assert_same_link(third, full)
+    assert third.files_changed == 0 and third.cache_misses == 0
+
+
+def test_state_of_another_app_is_not_reused(locations, tmp_path, pristine_demo):
+    store = LinkStore(state_engine(locations.state_db))
+    link(locations, store)
+    other = Locations.resolve(app_dir=str(pristine_demo.app_dir), home=str(locations.home), environ={})
+    assert link(other, store).jobs_read == pristine_demo.jobs_total
+
+
+def test_regenerated_app_database_is_linked_in_full(locations, tmp_path):
+    store = LinkStore(state_engine(locations.state_db))
+    link(locations, store)
+    regenerated = generate_demo_app(locations.app_dir, seed=8, n_jobs=70, large_images=False)
+    again = link(locations, store)
+    assert again.jobs_read == regenerated.jobs_total
+    assert_same_link(again, link(locations))
+
+
 def test_changed_file_is_reread(locations):
-    engine = state_engine(locations.state_db)
-    first = link(locations, LinkCache(engine))
+    store = LinkStore(state_engine(locations.state_db))
+    first = link(locations, store)
     victim = Path(first.records["image_path"].iloc[0])
     victim.write_bytes(b"not an image any more")
-    second = link(locations, LinkCache(engine))
+    second = link(locations, store)
     reasons = {s.job_id: s.reason for s in second.skips}
     assert reasons[first.records["job_id"].iloc[0]] == "image_undecodable"
 
@@ -200,7 +292,7 @@ def test_app_database_busy_with_a_writer_is_waited_for(locations):
     writer.execute("BEGIN IMMEDIATE")  # the app holds a write lock; readers still read in rollback-journal mode
     try:
         with app_db.read_only_engine(locations.db_path, busy_timeout_s=2).connect() as conn:
-            assert len(app_db.read_jobs(conn)) > 100
+            assert len(read_changed_jobs(conn, None).rows) > 100
     finally:
         writer.rollback()
         writer.close()

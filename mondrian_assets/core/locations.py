@@ -79,25 +79,27 @@ class Locations:
     def image_path(self, filename: str) -> Path:
         """The app's `filename` column: `uploads/<uuid>_<name>` (or any relative path with a folder) is
         relative to the app root, a bare name lives in source/."""
+        return _confined(self.image_lookups(filename)[0], (self.app_dir, self.source_dir), filename)
+
+    def image_lookups(self, filename: str) -> tuple[Path, ...]:
+        """The unresolved path `image_path` resolves (one: an image name has one place)."""
         raw = Path(filename.strip())
         if raw.is_absolute():
-            candidate = raw
-        elif len(raw.parts) == 1:
-            candidate = self.source_dir / raw
-        else:
-            candidate = self.app_dir / raw
-        return _confined(candidate, (self.app_dir, self.source_dir), filename)
+            return (raw,)
+        return (self.source_dir / raw,) if len(raw.parts) == 1 else (self.app_dir / raw,)
 
     def analysis_file(self, reference: str) -> Path:
         """A stored analysis path: relative ones resolve against the app root, then analysis_md/."""
+        lookups = self.analysis_lookups(reference)
+        candidate = next((path for path in lookups[:-1] if path.exists()), lookups[-1])
+        return _confined(candidate, (self.app_dir, self.analysis_dir), reference)
+
+    def analysis_lookups(self, reference: str) -> tuple[Path, ...]:
+        """The unresolved paths `analysis_file` tries, in order: the first that exists wins, else the last."""
         raw = Path(reference.strip())
         if raw.is_absolute():
-            candidate = raw
-        elif (self.app_dir / raw).exists() or len(raw.parts) > 1:
-            candidate = self.app_dir / raw
-        else:
-            candidate = self.analysis_dir / raw
-        return _confined(candidate, (self.app_dir, self.analysis_dir), reference)
+            return (raw,)
+        return (self.app_dir / raw,) if len(raw.parts) > 1 else (self.app_dir / raw, self.analysis_dir / raw)
 
 
 def _confined(candidate: Path, roots: tuple[Path, ...], original: str) -> Path:

@@ -13,6 +13,13 @@ link_cache_table = sa.Table(
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+link_state_table = sa.Table(
+    "link_state",
+    _metadata,
+    sa.Column("name", sa.Text, primary_key=True),  # state, base, changes
+    sa.Column("key", sa.Text, nullable=False),  # which app, folders and linker version the state belongs to
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
 
 
 # --- the model registry (core/registry/): the rows are the truth, files and the active pointer follow them ---

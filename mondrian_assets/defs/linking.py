@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from mondrian_assets.core.data import app_db, linker
-from mondrian_assets.core.data.link_cache import LinkCache
+from mondrian_assets.core.data import linker
+from mondrian_assets.core.data.link_cache import LinkStore
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.defs.resources import MondrianDatabase
 
@@ -19,7 +19,10 @@ PLAN_MIN_EXAMPLES = 60  # the LoRA plan's floor for a useful advisor dataset
 
 class LinkConfig(dg.Config):
     workers: int = Field(default=4, description="Threads that hash and decode new images.")
-    use_cache: bool = Field(default=True, description="Reuse facts about unchanged files from earlier runs.")
+    use_cache: bool = Field(default=True, description="Read only what changed since the last link (and reuse facts "
+                            "about unchanged files); off: read everything and remember nothing.")
+    full: bool = Field(default=False, description="Re-read every job and file, e.g. after editing a finished job's "
+                       "row in the app's DB in place (the one change an incremental link cannot see).")
     recover_html_cards: bool = Field(
         default=True,
         description="Recover the older app's HTML analysis cards (every dimension score and the overall grade) "
@@ -42,11 +45,12 @@ def linked_records(
     the canonical schema, one per (advisor, image content). Writes training_data/training_data_manifest.json."""
     loc = mondrian_db.locations()
     started = time.perf_counter()
+    store = LinkStore(mondrian_db.state_engine()) if config.use_cache else None
     with mondrian_db.app_connection() as conn:
-        jobs = app_db.read_jobs(conn)
-    context.log.info(f"read {len(jobs)} jobs from {loc.db_path}")
-    cache = LinkCache(mondrian_db.state_engine() if config.use_cache else None)
-    result = linker.link_jobs(jobs, loc, cache, workers=config.workers, recover_html_cards=config.recover_html_cards)
+        result = linker.link(conn, loc, store, workers=config.workers, full=config.full,
+                             recover_html_cards=config.recover_html_cards)
+    context.log.info(f"read {result.jobs_read} new or changed jobs from {loc.db_path}, "
+                     f"{result.files_changed} changed files")  # fmt: skip
     context.log.info(linker.summary_text(linker.write_manifest(result, loc)))
 
     advisors = sorted(result.advisor_counts())
@@ -61,7 +65,8 @@ def linked_records(
         metadata={
             "linked": len(result.records),
             "skipped": len(result.skips),
-            "jobs_read": len(jobs),
+            "jobs_read": result.jobs_read,
+            "files_changed": result.files_changed,
             "linked_per_advisor": _counts_table(result.advisor_counts(), "advisor"),
             "skipped_per_reason": _counts_table(result.skip_counts(), "reason"),
             "preview": dg.MetadataValue.md(preview.to_markdown(index=False) if len(preview) else "(none)"),

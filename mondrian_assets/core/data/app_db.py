@@ -84,13 +84,12 @@ def table_columns(conn: sa.Connection, table: str) -> list[str]:
     return [row[1] for row in conn.exec_driver_sql(f"PRAGMA table_info('{table}')")]
 
 
-def read_jobs(conn: sa.Connection) -> list[JobRow]:
+def job_columns(conn: sa.Connection) -> list[str]:
+    """The JobRow fields the `jobs` table has (older app eras lack some)."""
     present = set(table_columns(conn, "jobs"))
     if "id" not in present:
         raise AppDatabaseError("the app database has no `jobs` table with an `id` column")
-    wanted = [c for c in JobRow.__dataclass_fields__ if c in present]
-    rows = conn.exec_driver_sql(f"SELECT {', '.join(wanted)} FROM jobs ORDER BY rowid").all()
-    return [JobRow(**{c: (None if v is None else str(v)) for c, v in zip(wanted, row)}) for row in rows]
+    return [c for c in JobRow.__dataclass_fields__ if c in present]
 
 
 def read_advisors(conn: sa.Connection) -> dict[str, AdvisorRow]:
@@ -109,15 +108,3 @@ def read_system_prompt(conn: sa.Connection) -> str | None:
         return None
     row = conn.exec_driver_sql("SELECT value FROM config WHERE key = 'system_prompt'").first()
     return row[0] if row and row[0] else None
-
-
-def count_finished_jobs(conn: sa.Connection) -> dict[str, int]:
-    """Finished jobs per advisor value: the sensor's cheap probe for new analyses."""
-    present = set(table_columns(conn, "jobs"))
-    if not {"advisor", "status"} <= present:
-        return {}
-    statuses = ", ".join(f"'{s}'" for s in sorted(FINISHED_STATUSES))
-    rows = conn.exec_driver_sql(
-        f"SELECT advisor, COUNT(*) FROM jobs WHERE lower(status) IN ({statuses}) GROUP BY advisor"
-    ).all()
-    return {str(adv): int(n) for adv, n in rows if adv is not None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def inspect_image(path: Path) -> ImageFacts:
             img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             img.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageFacts(digest, error="image_undecodable", detail=f"{type(exc).__name__}: {exc}")
+        # Pillow names the in-memory buffer by its address; the file's name keeps the detail reproducible
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", path.name, str(exc))
+        return ImageFacts(digest, error="image_undecodable", detail=f"{type(exc).__name__}: {message}")
     if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the upright sides
         width, height = height, width
     return ImageFacts(digest, width, height)
