@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from mondrian_assets import registry_commands
 from mondrian_assets.core.locations import Locations
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # workspace.yaml and dagster.yaml
+DEMO_ADD_ADVISORS = ("ansel", "weston")  # the demo's advisors with enough examples to retrain
 
 
 def _locations(args: argparse.Namespace) -> Locations:
@@ -40,10 +45,14 @@ def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int = 120) -> None:
 
 
 def _instance(loc: Locations):
+    """The persistent instance in DAGSTER_HOME, set up with the project's dagster.yaml (concurrency limits)
+    unless that folder already has its own."""
     import dagster as dg
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(loc.home / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     return dg.DagsterInstance.get()
 
 
@@ -76,7 +85,20 @@ def _run_job(name: str, instance, partition_key: str | None = None) -> str:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    _generate_demo(_locations(args).app_dir, seed=args.seed, n_jobs=args.jobs)
+    app_dir = _locations(args).app_dir
+    if args.add is None:
+        _generate_demo(app_dir, seed=args.seed, n_jobs=args.jobs)
+        return 0
+    from mondrian_assets.demo.app import append_demo_jobs
+
+    advisors = args.advisor or list(DEMO_ADD_ADVISORS)
+    try:
+        added = append_demo_jobs(app_dir, args.add, seed=args.seed, advisor=advisors, both_eras=True)
+    except ValueError as exc:
+        print(f"demo-data --add: {exc}", file=sys.stderr)
+        return 2
+    print(f"added {len(added)} finished jobs ({', '.join(advisors)} in turn, both app eras) to {app_dir}; "
+          "the retrain sensor picks them up on its next tick")  # fmt: skip
     return 0
 
 
@@ -210,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", parents=[common], help="generate the demo app (DB, images, analyses)")
     p.add_argument("--jobs", type=int, default=120, help="number of jobs (default 120)")
+    p.add_argument("--add", type=int, metavar="N", help="append N finished jobs (both app eras) to the existing demo app")
+    p.add_argument("--advisor", action="append", help=f"with --add: these advisors in turn (repeatable; default: {', '.join(DEMO_ADD_ADVISORS)})")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("link", parents=[common], help="materialize linked_records and print the summary")

@@ -14,7 +14,7 @@ from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 from mondrian_assets.core.registry.versions import adapter_content_hash
 from mondrian_assets.defs.config_fields import config_class, values_for
 from mondrian_assets.defs.partitions import advisor_partitions
-from mondrian_assets.defs.resources import MondrianDatabase
+from mondrian_assets.defs.resources import MLX_POOL, MondrianDatabase
 
 CODE_VERSION = "2"  # bump when metrics, gates or how outputs are generated change; 2: paired gates, timed overhead
 _EvalFields = config_class("_EvalFields", dg.Config, EvalSettings, GateThresholds)
@@ -65,7 +65,7 @@ def _headline(m: dict) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
-@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, check_specs=GATE_CHECKS,
+@dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, pool=MLX_POOL, check_specs=GATE_CHECKS,
           code_version=CODE_VERSION)
 def eval_report(
     context: dg.AssetExecutionContext, config: EvalRunConfig, mondrian_db: MondrianDatabase,

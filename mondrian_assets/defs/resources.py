@@ -1,4 +1,5 @@
-"""Resources: the app's SQLite database (read-only) beside our own state DB, the MLX trainer, the alert webhook."""
+"""Resources: the app's SQLite database (read-only) beside our own state DB, the MLX trainer, the alert webhook,
+and when to retrain."""
 
 
 import os
@@ -13,10 +14,14 @@ from pydantic import Field
 from mondrian_assets.core.alerts import AlertNotSent, post_alert
 from mondrian_assets.core.base_model import ResolvedBase, resolve_base
 from mondrian_assets.core.data.app_db import read_only_engine
+from mondrian_assets.core.data.new_examples import RetrainPolicy
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.training.config import TrainConfig
 from mondrian_assets.defs.config_fields import config_class, values_for
+
+
+MLX_POOL = "mlx"  # the MLX steps' concurrency pool: its limit (1 in the project's dagster.yaml) is MLX jobs per machine
 
 
 class MondrianDatabase(dg.ConfigurableResource):
@@ -56,6 +61,7 @@ class MondrianDatabase(dg.ConfigurableResource):
 
 
 _TrainerFields = config_class("_TrainerFields", dg.ConfigurableResource, TrainConfig, exclude=("base_model",))
+_POLICY_DEFAULTS = RetrainPolicy()
 
 
 class MlxTrainer(_TrainerFields):
@@ -104,3 +110,23 @@ class AlertWebhook(dg.ConfigurableResource):
             return f"alert sent to {url} (HTTP {post_alert(url, payload)})"
         except AlertNotSent as exc:
             return str(exc)
+
+
+class RetrainSettings(dg.ConfigurableResource):
+    """When the retrain sensor asks for a run: once an advisor has `min_new_examples` new linkable examples, or
+    `max_wait_hours` after the first of them, whichever comes first. Empty fields come from the environment
+    (MONDRIAN_RETRAIN_MIN_NEW_EXAMPLES, MONDRIAN_RETRAIN_MAX_WAIT_HOURS), else the defaults (10, 24)."""
+
+    min_new_examples: int | None = Field(default=None, description="New linkable examples that start a retrain.")
+    max_wait_hours: float | None = Field(default=None, description="Start a retrain this long after the first new example, however few.")
+    rows_per_tick: int = Field(default=_POLICY_DEFAULTS.rows_per_look, description="App rows read per tick at most (a first tick on a big app is spread over several).")
+    waiting_checks_per_tick: int = Field(default=_POLICY_DEFAULTS.waiting_per_look, description="Finished-but-unlinkable jobs whose files are re-checked per tick, in turn.")
+
+    def policy(self) -> RetrainPolicy:
+        min_new = self.min_new_examples
+        if min_new is None:
+            min_new = int(os.environ.get("MONDRIAN_RETRAIN_MIN_NEW_EXAMPLES", _POLICY_DEFAULTS.min_new_examples))
+        hours = self.max_wait_hours
+        if hours is None:
+            hours = float(os.environ.get("MONDRIAN_RETRAIN_MAX_WAIT_HOURS", _POLICY_DEFAULTS.max_wait_s / 3600))
+        return RetrainPolicy(min_new, hours * 3600, self.rows_per_tick, self.waiting_checks_per_tick)

@@ -19,7 +19,7 @@ from mondrian_assets.core.training.checkpoints import discard_checkpoints
 from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError, TrainResult, validate_config
 from mondrian_assets.core.training.isolation import run_training_subprocess
 from mondrian_assets.defs.partitions import advisor_partitions
-from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
+from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, MondrianDatabase
 
 
 CODE_VERSION = "1"  # bump when the training code changes what an adapter learns from the same data and settings
@@ -87,6 +87,7 @@ def _adapter_checks(result: TrainResult, config: TrainConfig, adapter_dir: Path,
     partitions_def=advisor_partitions,
     group_name="model",
     kinds={"mlx"},
+    pool=MLX_POOL,
     check_specs=CHECKS,
     # A killed or crashed trainer is retried; the retry resumes from the last checkpoint of the same data version.
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2),

@@ -17,6 +17,7 @@ import re
 import sqlite3
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -1152,12 +1153,24 @@ def generate_demo_app(
     return summary
 
 
-def append_demo_jobs(app_dir: Path, n: int, *, seed: int, advisor: str = "ansel") -> list[str]:
-    """Simulate the app finishing `n` more jobs: clean, completed, new images, stored the current era's way.
+# Where appended jobs keep their analyses when both eras are asked for, in turn: each era's file forms included.
+_APPEND_FORMS = {
+    "old": ("analysis_in_file_path", "analysis_in_fallback_file", "analysis_in_markdown_text"),
+    "new": ("analysis_in_llm_outputs", "analysis_file_column", "analysis_in_fallback_file"),
+}
+
+
+def append_demo_jobs(
+    app_dir: Path, n: int, *, seed: int, advisor: str | Sequence[str] = "ansel", both_eras: bool = False
+) -> list[str]:
+    """Simulate the app finishing `n` more jobs: clean, finished, new images; advisors take turns. Stored the DB's
+    era's way; with `both_eras` (a current-era DB) every other job is an older app's (status done, a bare name in
+    source/, the analysis in a referenced file, a fallback file or the row), and the newer ones vary their forms.
 
     Randomness comes from (seed, rows already in the DB), so repeated calls add different jobs.
     Returns the new job ids.
     """
+    advisors = (advisor,) if isinstance(advisor, str) else tuple(advisor)
     app_dir = Path(app_dir)
     db_path = app_dir / DB_NAME
     if n < 0:
@@ -1171,14 +1184,20 @@ def append_demo_jobs(app_dir: Path, n: int, *, seed: int, advisor: str = "ansel"
     db.close()
     manifest = read_manifest(app_dir) or {}
     rng = np.random.default_rng([seed, len(existing), 2])
+    eras = ("old", "new") if both_eras and not legacy else ("old",) if legacy else ("new",)
     jobs = []
-    for _ in range(n):
-        job = _Job(_uuid(rng), advisor, "old" if legacy else "new")
+    for i in range(n):
+        era = eras[i % len(eras)]
+        job = _Job(_uuid(rng), advisors[i % len(advisors)], era)
         while job.job_id in existing:
             job.job_id = _uuid(rng)
-        job.status = "done" if legacy else "completed"
-        job.scene = _scene_for(advisor, rng)
-        job.storage = "analysis_in_markdown_text" if legacy else "analysis_in_llm_outputs"
+        job.status = "done" if era == "old" else "completed"
+        job.scene = _scene_for(job.advisor, rng)
+        if both_eras:
+            forms = _APPEND_FORMS[era]
+            job.storage = forms[(i // len(eras)) % len(forms)]
+        else:
+            job.storage = "analysis_in_markdown_text" if legacy else "analysis_in_llm_outputs"
         jobs.append(job)
     # Both eras' formats parse with fromisoformat; new jobs start a little after the newest one.
     start = max((datetime.fromisoformat(v) for v in stamps), default=_START) + timedelta(minutes=5)

@@ -239,6 +239,17 @@ def _candidate(job: JobRow, loc: Locations, cache: LinkCache, recover_html_cards
     return _Candidate(job, advisor, image_path, result, source, analysis_path)
 
 
+# Skip reasons decided by the row alone: no file that appears later can change them.
+ROW_SKIP_REASONS = frozenset({"job_id_missing", "not_finished", "advisor_not_single", "image_not_recorded"})
+
+
+def screen(job: JobRow, loc: Locations, *, recover_html_cards: bool = True) -> Skip | str:
+    """The linker's row and file checks for one job, without image decoding, cache or deduplication: the advisor
+    it would link under, or why not. Cheap enough for a sensor."""
+    outcome = _candidate(job, loc, LinkCache(None), recover_html_cards)
+    return outcome if isinstance(outcome, Skip) else outcome.advisor
+
+
 def _image_facts(paths: list[Path], cache: LinkCache, workers: int) -> dict[Path, ImageFacts]:
     facts: dict[Path, ImageFacts] = {}
     todo: list[tuple[Path, str | None]] = []
@@ -378,7 +389,7 @@ def _finalize(candidates: pd.DataFrame, early_skips: dict[int, Skip]) -> tuple[p
 
 
 _FILE_COLUMNS = {"app_rowid": "int64", "folder": "object", "name": "object", "size": "int64", "mtime_ns": "int64", "inode": "int64"}
-_ABSENT = -1  # inode of a watched file that does not exist
+ABSENT = -1  # inode of a watched file that does not exist
 
 
 def _files(rows: list[tuple]) -> pd.DataFrame:
@@ -413,7 +424,7 @@ class LinkState:
                     listed[folder] = []
                 self.folders[folder] = _trusted(current, now)
         files = self.files
-        absent = files["inode"].to_numpy() == _ABSENT
+        absent = files["inode"].to_numpy() == ABSENT
         changed = np.zeros(len(files), dtype=bool)
         for folder, names in listed.items():
             changed |= absent & (files["folder"] == folder).to_numpy() & files["name"].isin(names).to_numpy()
@@ -440,13 +451,13 @@ class LinkState:
         paths = {p for paths in watched.values() for p in paths}
         new_folders = {os.path.dirname(p) for p in paths} - self.folders.keys()
         folder_mtimes = {folder: _folder_mtime(folder) for folder in new_folders}
-        signatures = {p: file_signature(p) or (_ABSENT, _ABSENT, _ABSENT) for p in paths}
+        signatures = {p: file_signature(p) or (ABSENT, ABSENT, ABSENT) for p in paths}
         rows = []
         for rowid, job_paths in watched.items():
             for path in job_paths:
                 folder, name = os.path.split(path)
                 rows.append((rowid, folder, name, *signatures[path]))
-                if signatures[path][2] == _ABSENT and folder in folder_mtimes:
+                if signatures[path][2] == ABSENT and folder in folder_mtimes:
                     self.folders[folder] = _trusted(folder_mtimes[folder], now)
         if rows:
             self.files = pd.concat([self.files, _files(rows)], ignore_index=True)
@@ -522,6 +533,11 @@ def link(conn: sa.Connection, loc: Locations, store: LinkStore | None = None, *,
         cache.flush()
         store.save_state(key, state.persisted(), state.candidates, _frame(candidates), removed=None if rewrite else replaced)
     return LinkResult(records, skips, cache.hits, cache.misses, jobs_read=len(rows), files_changed=files_changed)
+
+
+def last_link(store: LinkStore, loc: Locations, *, recover_html_cards: bool = True) -> LinkState | None:
+    """What the last link of this app (with that setting) saw, or None when nothing was linked yet."""
+    return _load_state(store, _state_key(loc, recover_html_cards))
 
 
 def _text_or_none(value: object) -> str | None:

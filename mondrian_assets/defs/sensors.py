@@ -1,0 +1,51 @@
+"""`retrain_sensor`: new finished jobs or analysis files in the app start a retrain of the advisors they belong to."""
+
+import time
+
+import dagster as dg
+
+from mondrian_assets.core.data.link_cache import LinkStore
+from mondrian_assets.core.data.linker import last_link
+from mondrian_assets.core.data.new_examples import WatchCursor, look
+from mondrian_assets.defs.jobs import retrain_job
+from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME, advisor_partitions
+from mondrian_assets.defs.resources import MondrianDatabase, RetrainSettings
+
+
+@dg.sensor(
+    job=retrain_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Reads only what is new in the app's DB and files since the last tick; once an advisor has "
+    "min_new_examples new linkable examples (or max_wait_hours after the first), requests one retrain_job run "
+    "for it. New advisors become partitions. Limits: one run per advisor, one MLX step per machine (dagster.yaml).",
+)
+def retrain_sensor(
+    context: dg.SensorEvaluationContext, mondrian_db: MondrianDatabase, retrain_settings: RetrainSettings
+) -> dg.SensorResult:
+    loc = mondrian_db.locations()
+    cursor = WatchCursor.decode(context.cursor)
+    if cursor is None:  # the first tick starts where the last link ended: what it linked is not new
+        cursor = WatchCursor.after(last_link(LinkStore(mondrian_db.state_engine()), loc))
+    with mondrian_db.app_connection() as conn:
+        seen = look(conn, loc, cursor, retrain_settings.policy(), time.time())
+
+    known = set(context.instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
+    new_advisors = sorted(set(seen.new_examples) - known)
+    requests = [
+        dg.RunRequest(
+            run_key=batch.run_key,
+            partition_key=batch.advisor,
+            tags={"mondrian/retrain_reason": batch.reason, "mondrian/new_examples": str(batch.count)},
+        )
+        for batch in seen.due
+    ]
+    waiting = ", ".join(f"{a} {p.count}" for a, p in sorted(seen.cursor.pending.items())) or "none"
+    context.log.info(f"read {seen.rows_read} rows, re-checked {seen.waiting_checked} waiting jobs; new examples: "
+                     f"{seen.new_examples or 'none'}; still waiting: {waiting}")  # fmt: skip
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[advisor_partitions.build_add_request(new_advisors)] if new_advisors else None,
+        cursor=seen.cursor.encode(),
+        skip_reason=None if requests else f"no advisor due (new examples waiting: {waiting})",
+    )
