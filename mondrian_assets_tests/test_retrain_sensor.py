@@ -173,7 +173,7 @@ def test_sensor_requests_one_run_per_due_advisor_and_adds_new_advisors(locations
 def test_retrain_job_links_then_runs_everything_after_for_one_advisor():
     job = defs.resolve_job_def("retrain_job")
     assets = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
-    assert {"linked_records", "train_split", "val_split", "lora_adapter", "eval_report"} <= assets
+    assert {"linked_records", "train_split", "val_split", "lora_adapter", "eval_report", "deployed_version"} <= assets
     assert job.partitions_def.name == ADVISOR_PARTITIONS_NAME
     assert sensors.retrain_sensor.job_name == "retrain_job"
     assert sensors.retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
