@@ -23,7 +23,8 @@ from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.definitions import defs
 from mondrian_assets.defs import linking, sensors
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
-from mondrian_assets.defs.resources import MLX_POOL, RetrainSettings
+from mondrian_assets.defs.jobs import retrain_job
+from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, RetrainSettings
 from mondrian_assets.demo.app import append_demo_jobs, load_truth
 
 POLICY = RetrainPolicy(min_new_examples=5, max_wait_s=600)
@@ -231,3 +232,27 @@ def test_after_the_demo_demo_data_add_and_one_tick_request_one_run_per_affected_
     result = tick(instance, mondrian_db, baseline.cursor)
     assert sorted(r.partition_key for r in result.run_requests) == ["ansel", "weston"]
     assert [r.tags["mondrian/new_examples"] for r in result.run_requests] == ["10", "10"]
+
+
+@pytest.mark.slow  # a short real training run and evaluation
+def test_a_requested_retrain_runs_link_to_a_registry_decision(locations, mondrian_db, instance, embedded_base):
+    """The sensor's request, run as the daemon would run it: retrain_job for that advisor partition, with the
+    request's tags, from linking new jobs to the registry's decision (a short real training run)."""
+    assert dg.materialize([linking.linked_records], resources={"mondrian_db": mondrian_db}, instance=instance).success
+    baseline = tick(instance, mondrian_db, None)
+    append_demo_jobs(locations.app_dir, 10, seed=9, advisor="weston", both_eras=True)
+    (request,) = tick(instance, mondrian_db, baseline.cursor).run_requests
+    assert request.partition_key == "weston"
+
+    trainer = MlxTrainer(base_model=str(embedded_base), iters=12, eval_interval=6, save_interval=6, warmup_steps=2)
+    resources = {"mondrian_db": mondrian_db, "mlx_trainer": trainer, "retrain_settings": RetrainSettings()}
+    job = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=[retrain_job],
+                         resources=resources).resolve_job_def("retrain_job")  # fmt: skip
+    small_eval = {"ops": {"eval_report": {"config": {"max_examples": 2, "max_tokens": 24, "batch_size": 2}}}}
+    result = job.execute_in_process(run_config=small_eval, instance=instance, partition_key=request.partition_key,
+                                    tags=request.tags, raise_on_error=False)  # fmt: skip
+    assert result.success
+    linked = result.asset_materializations_for_node("linked_records")[0].metadata
+    assert linked["jobs_read"].value < 40  # the link read the new rows, not the app
+    decision = result.asset_materializations_for_node("deployed_version")[0].metadata["decision"].value
+    assert decision in ("promote", "reject")
