@@ -17,7 +17,10 @@ from mondrian_assets import registry_commands
 from mondrian_assets.core.locations import Locations
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # workspace.yaml and dagster.yaml
+REPO_ROOT = Path(__file__).resolve().parent.parent  # workspace.yaml
+# The instance settings ./dev starts DAGSTER_HOME with (not at the root: Dagster warns about a dagster.yaml in the
+# working directory that is not DAGSTER_HOME's).
+INSTANCE_TEMPLATE = REPO_ROOT / "dagster_home" / "dagster.yaml"
 DEMO_ADD_ADVISORS = ("ansel", "weston")  # the demo's advisors with enough examples to retrain
 
 
@@ -52,7 +55,7 @@ def _instance(loc: Locations):
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(loc.home / ".dagster")))
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
-        shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+        shutil.copyfile(INSTANCE_TEMPLATE, home / "dagster.yaml")
     return dg.DagsterInstance.get()
 
 

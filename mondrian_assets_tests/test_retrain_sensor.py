@@ -14,7 +14,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
 
-from mondrian_assets.cli import REPO_ROOT
+from mondrian_assets.cli import INSTANCE_TEMPLATE
 from mondrian_assets.cli import main as cli_main
 from mondrian_assets.core.data import app_db, linker
 from mondrian_assets.core.data.link_cache import LinkStore
@@ -24,7 +24,7 @@ from mondrian_assets.definitions import defs
 from mondrian_assets.defs import linking, sensors
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.defs.jobs import retrain_job
-from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, RetrainSettings
+from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, MondrianDatabase, RetrainSettings
 from mondrian_assets.demo.app import append_demo_jobs, load_truth
 
 POLICY = RetrainPolicy(min_new_examples=5, max_wait_s=600)
@@ -171,6 +171,12 @@ def test_sensor_requests_one_run_per_due_advisor_and_adds_new_advisors(locations
     assert not tick(instance, mondrian_db, second.cursor, min_new_examples=3).run_requests
 
 
+def test_no_app_database_yet_is_a_skip_not_an_error(tmp_path, instance):
+    empty = MondrianDatabase(app_dir=str(tmp_path / "no_app"), home=str(tmp_path / "home"))
+    result = tick(instance, empty, None)
+    assert not result.run_requests and "no app database" in result.skip_reason.skip_message
+
+
 def test_retrain_job_links_then_runs_everything_after_for_one_advisor():
     job = defs.resolve_job_def("retrain_job")
     assets = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
@@ -183,7 +189,7 @@ def test_retrain_job_links_then_runs_everything_after_for_one_advisor():
 @pytest.fixture
 def project_instance():
     """An instance with the project's dagster.yaml, launching runs into a recorder instead of processes."""
-    settings = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    settings = yaml.safe_load(INSTANCE_TEMPLATE.read_text())
     overrides = {**settings, "run_launcher": {"module": "dagster._core.test_utils", "class": "MockedRunLauncher"}}
     with dg.instance_for_test(overrides=overrides) as instance:
         yield instance

@@ -24,6 +24,9 @@ def retrain_sensor(
     context: dg.SensorEvaluationContext, mondrian_db: MondrianDatabase, retrain_settings: RetrainSettings
 ) -> dg.SensorResult:
     loc = mondrian_db.locations()
+    if not loc.db_path.is_file():  # nothing to watch yet (a fresh checkout before `./dev demo`): no error each tick
+        return dg.SensorResult(skip_reason=f"no app database at {loc.db_path} yet (set MONDRIAN_APP_DIR or "
+                               "MONDRIAN_DB, or run ./dev demo-data)", cursor=context.cursor)  # fmt: skip
     cursor = WatchCursor.decode(context.cursor)
     if cursor is None:  # the first tick starts where the last link ended: what it linked is not new
         cursor = WatchCursor.after(last_link(LinkStore(mondrian_db.state_engine()), loc))
