@@ -24,9 +24,8 @@ advisor_job = dg.define_asset_job(
 )
 # Linking is unpartitioned (all advisors at once, incremental) and the rest is partitioned by advisor; Dagster runs
 # such a job with a partition key: linked_records materializes whole, everything after it for that advisor only.
-# The data and model groups keep anything else downstream (a nightly re-check, say) out of a retrain.
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets("linked_records").downstream() & dg.AssetSelection.groups("data", "model"),
+    selection=dg.AssetSelection.assets("linked_records").downstream() & _LOOP,
     description="One advisor's whole loop: link the new jobs, split, train, evaluate, deploy. The retrain sensor's job.",
 )
