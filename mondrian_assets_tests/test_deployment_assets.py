@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from mondrian_assets.core.inference.loading import load_for_inference
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.registry.evidence import evaluate_version
 from mondrian_assets.core.registry.pointer import read_pointer
@@ -28,10 +29,11 @@ class Pipeline:
         self.loc, self.instance, self.resources = loc, instance, resources
         self.engine = state_engine(loc.state_db)
 
-    def run(self, selection: list[str], advisor: str | None = "weston") -> dg.ExecuteInProcessResult:
-        return dg.materialize(ASSETS, selection=selection, partition_key=advisor, resources=self.resources,
-                              instance=self.instance, run_config=SMALL_EVAL if "eval_report" in selection else None,
-                              raise_on_error=False)  # fmt: skip
+    def run(self, selection: list[str], advisor: str | None = "weston", resources: dict | None = None,
+            run_config: dict | None = None) -> dg.ExecuteInProcessResult:  # fmt: skip
+        config = run_config or (SMALL_EVAL if "eval_report" in selection else None)
+        return dg.materialize(ASSETS, selection=selection, partition_key=advisor, resources=resources or self.resources,
+                              instance=self.instance, run_config=config, raise_on_error=False)  # fmt: skip
 
     def counts(self) -> tuple[int, int]:
         with self.engine.connect() as conn:
@@ -128,3 +130,39 @@ def test_rollback_and_pin_jobs_from_the_ui(registry, mondrian_db, instance):
     assert "pinned to weston-v2" in failure.event_specific_data.error.message
     unpinned = _run_job("pin_job", {"pin_active_version": {"config": {"advisor": "weston", "unpin": True}}}, mondrian_db, instance)
     assert unpinned.success and not active_version(registry.engine, "weston").pinned
+
+
+RELAXED_GATES = {"min_format_compliance": 0.0, "fallback_to_mean_baseline": False, "max_inference_overhead": 10.0}
+
+
+def test_a_real_candidate_is_promoted_compared_with_the_active_one_and_rolled_back(pipeline, embedded_base):
+    """Gates a 12-step model can pass (no valid base output: nothing to regress from): the first version is
+    promoted on the new evidence, then a retrained candidate is judged against it on the same examples."""
+    relaxed = {"ops": {"eval_report": {"config": {**SMALL_EVAL["ops"]["eval_report"]["config"], **RELAXED_GATES}}}}
+    first = pipeline.run(["eval_report", "deployed_version"], run_config=relaxed)
+    assert first.success
+    assert first.asset_materializations_for_node("deployed_version")[0].metadata["decision"].value == "promote"
+    v1 = active_version(pipeline.engine, "weston")
+    assert v1.number == 1 and read_pointer(pipeline.loc.models, "weston") == "versions/weston-v1"
+    loaded = load_for_inference(str(embedded_base), pipeline.loc.models / "weston-active")  # verifies it applied
+    assert loaded.fused_layers > 0
+
+    retrained = {**pipeline.resources, "mlx_trainer": MlxTrainer(base_model=str(embedded_base), iters=12,
+                 eval_interval=6, save_interval=6, warmup_steps=2, seed=1)}  # fmt: skip
+    second = pipeline.run(["lora_adapter", "eval_report", "deployed_version"], resources=retrained, run_config=relaxed)
+    assert second.success
+    meta = second.asset_materializations_for_node("deployed_version")[0].metadata
+    assert meta["candidate_version"].value == "weston-v2"
+    assert "mean overall-score error | 9.000 | 9.000" in meta["candidate_vs_active"].value  # the active one was evaluated on these examples
+    [decision] = [d for d in deployments(pipeline.engine, "weston") if d.to_version == 2]
+    compared = decision.evidence["candidate_vs_active"]
+    assert compared["examples"] == 2 and compared["active_mean_error"] is not None
+    # no valid answer from either: a tie, and a tie is "at least as good"
+    assert decision.action == "promote" and active_version(pipeline.engine, "weston").number == 2
+
+    result = defs.get_job_def("rollback_job").execute_in_process(
+        run_config={"ops": {"rollback_active_version": {"config": {"advisor": "weston"}}}},
+        resources={"mondrian_db": pipeline.resources["mondrian_db"]}, instance=pipeline.instance,
+    )  # fmt: skip
+    assert result.success and active_version(pipeline.engine, "weston").number == 1
+    assert read_pointer(pipeline.loc.models, "weston") == "versions/weston-v1"
