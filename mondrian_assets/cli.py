@@ -208,6 +208,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The advisor service on HTTP: the app's job service (or curl) posts images to /analyze."""
+    from mondrian_assets.core.serving.app import serve
+    from mondrian_assets.core.serving.routing import ServiceMode
+    from mondrian_assets.core.serving.service import AdvisorService, ServiceConfig
+
+    loc = _use_demo_if_unset(args)
+    if args.base_model:
+        base = args.base_model
+    else:
+        from mondrian_assets.demo.base_model import ensure_embedded_base_model
+
+        base = str(ensure_embedded_base_model(loc.models))
+    config = ServiceConfig(
+        base_model=base, mode=ServiceMode(args.mode), ab_split=args.ab_split, constrained=not args.unconstrained,
+        missing_version=args.missing_version, workers=args.workers, max_waiting=args.max_waiting,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_tokens=args.max_tokens,
+        job_timeout_s=args.job_timeout,
+    )  # fmt: skip
+    print(f"serving {base} in {args.mode} mode on http://{args.host}:{args.port} (state DB {loc.state_db})", flush=True)
+    serve(AdvisorService(config, loc), args.host, args.port, grace_s=args.grace)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from mondrian_assets.core.serving.usage import serving_summary, summary_text
+    from mondrian_assets.core.state_db import state_engine
+
+    print(summary_text(serving_summary(state_engine(_locations(args).state_db))))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """`dagster dev`: the webserver and the daemon (which runs the sensors, the schedules and the run queue)
     together, on this project's instance and workspace.yaml; Ctrl-C stops both."""
@@ -258,6 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     registry_commands.add_commands(sub, common)
+
+    p = sub.add_parser("serve", parents=[common], help="the advisor service (POST /analyze, GET /health)")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    p.add_argument("--port", type=int, default=5100, help="default 5100, where the app's job service calls")
+    p.add_argument("--mode", choices=["base", "fine_tuned", "ab_test"], default="fine_tuned")
+    p.add_argument("--ab-split", type=float, default=0.5, help="share of A/B jobs on the fine-tuned arm (default 0.5)")
+    p.add_argument("--base-model", help="default: the embedded tiny model (built on first use)")
+    p.add_argument("--missing-version", choices=["refuse", "base"], default="refuse",
+                   help="fine-tuned asked, no active version: 409 (refuse) or serve the base and say so (base)")
+    p.add_argument("--unconstrained", action="store_true", help="no grammar mask (schema-valid JSON not guaranteed)")
+    p.add_argument("--workers", type=int, default=1, help="generation worker processes (each holds the models)")
+    p.add_argument("--max-waiting", type=int, default=4, help="requests queued beyond the busy workers before 503")
+    p.add_argument("--max-tokens", type=int, default=1536)
+    p.add_argument("--max-upload-mb", type=float, default=25.0)
+    p.add_argument("--job-timeout", type=float, default=280.0, help="seconds one generation may take")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get to finish on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("usage", parents=[common], help="served requests per advisor and model, and the A/B arms")
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("ui", parents=[common], help="the Dagster web UI and daemon (sensors, schedules) on this project's instance")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

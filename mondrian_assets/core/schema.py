@@ -288,6 +288,12 @@ def validate_analysis(data: dict) -> ParseResult:
     return ParseResult(analysis, data=data)
 
 
+def split_thinking(raw: str) -> tuple[str, str]:
+    """(the `<thinking>` blocks' text, the answer without them): the app stores them in separate columns."""
+    thoughts = [m.group(0)[len(m.group(1)) + 2 : -(len(m.group(1)) + 3)].strip() for m in _THINKING.finditer(raw)]
+    return "\n\n".join(thoughts), _THINKING.sub("", raw).strip()
+
+
 def parse_analysis(raw: str | None) -> ParseResult:
     """Raw model output (or a stored analysis) -> validated Analysis, or a coded reason why not."""
     if raw is None or not raw.strip():

@@ -21,6 +21,34 @@ link_state_table = sa.Table(
     sa.Column("value", sa.LargeBinary, nullable=False),
 )
 
+# One row per /analyze request the service received, written before it answered (see core/serving/usage.py).
+model_usage_table = sa.Table(
+    "model_usage",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Text, nullable=False),  # UTC ISO time the answer was recorded
+    sa.Column("job_id", sa.Text, index=True),  # the app's job id, or image-<content hash> when it sent none
+    sa.Column("advisor", sa.Text),
+    sa.Column("requested_mode", sa.Text),  # the request's `mode` as sent
+    sa.Column("service_mode", sa.Text, nullable=False),
+    sa.Column("route_mode", sa.Text),  # the mode that decided
+    sa.Column("arm_draw", sa.Float),  # the job's A/B draw, when a split decided
+    sa.Column("model_used", sa.Text),  # base | fine_tuned; NULL when nothing was generated
+    sa.Column("version", sa.Integer),  # the fine-tuned version applied
+    sa.Column("adapter_path", sa.Text),
+    sa.Column("constrained", sa.Boolean),
+    sa.Column("http_status", sa.Integer, nullable=False),
+    sa.Column("latency_s", sa.Float, nullable=False),
+    sa.Column("parse_ok", sa.Boolean),
+    sa.Column("parse_error", sa.Text),
+    sa.Column("grammar_corrections", sa.Integer),
+    sa.Column("generation_tokens", sa.Integer),
+    sa.Column("generation_tps", sa.Float),
+    sa.Column("finish_reason", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("note", sa.Text),
+)
+
 
 # --- the model registry (core/registry/): the rows are the truth, files and the active pointer follow them ---
 VERSION_STATUSES = ("candidate", "active", "retired", "rejected")

@@ -42,6 +42,7 @@ class AdvisorRow:
     id: str
     name: str
     prompt: str | None
+    bio: str | None = None
 
 
 def read_only_engine(db_path: Path, *, busy_timeout_s: float = 10.0) -> sa.Engine:
@@ -96,10 +97,11 @@ def read_advisors(conn: sa.Connection) -> dict[str, AdvisorRow]:
     present = set(table_columns(conn, "advisors"))
     if "id" not in present:
         return {}
-    cols = [c for c in ("id", "name", "prompt") if c in present]
+    cols = [c for c in ("id", "name", "prompt", "bio") if c in present]
     rows = conn.exec_driver_sql(f"SELECT {', '.join(cols)} FROM advisors").mappings().all()
     return {
-        str(r["id"]): AdvisorRow(str(r["id"]), str(r.get("name") or r["id"]), r.get("prompt")) for r in rows
+        str(r["id"]): AdvisorRow(str(r["id"]), str(r.get("name") or r["id"]), r.get("prompt"), r.get("bio"))
+        for r in rows
     }
 
 

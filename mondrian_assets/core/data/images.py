@@ -56,21 +56,27 @@ def inspect_image(path: Path) -> ImageFacts:
     return ImageFacts(digest, width, height)
 
 
+def app_view(img: Image.Image, max_side: int = APP_MAX_SIDE) -> Image.Image:
+    """What the model sees of an image: EXIF orientation applied, transparency on white, RGB, at most `max_side`
+    px on the long side (what the app does before inference)."""
+    upright = ImageOps.exif_transpose(img)
+    if upright.mode in ("RGBA", "LA", "P"):
+        rgba = upright.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        upright = flat
+    rgb = upright.convert("RGB")
+    rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return rgb
+
+
 def prepared_image(source: Path, sha256: str, cache_dir: Path, max_side: int = APP_MAX_SIDE) -> Path:
-    """The image as serving sees it: EXIF orientation applied, RGB, at most `max_side` px. Cached by content."""
+    """The image as serving sees it (`app_view`), as a JPEG file cached by content."""
     target = cache_dir / f"{sha256[:32]}_{max_side}.jpg"
     if target.exists():
         return target
     with Image.open(source) as img:
-        upright = ImageOps.exif_transpose(img)
-        if upright.mode in ("RGBA", "LA", "P"):
-            rgba = upright.convert("RGBA")
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            upright = flat
-        rgb = upright.convert("RGB")
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
-        rgb.save(buffer, format="JPEG", quality=95)
+        app_view(img, max_side).save(buffer, format="JPEG", quality=95)
     atomic.write_bytes(target, buffer.getvalue())
     return target

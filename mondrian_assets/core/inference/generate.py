@@ -139,6 +139,25 @@ class LoopGuard:
 def _one(
     loaded: LoadedModel, example: EvalExample, max_tokens: int, temperature: float, seed: int, rule: LoopRule
 ) -> Generation:
+    return generate_one(
+        loaded, example.image_path, example.prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+        loop_rule=rule,
+    )  # fmt: skip
+
+
+def generate_one(
+    loaded: LoadedModel,
+    image_path: Path,
+    prompt: str,
+    *,
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    loop_rule: LoopRule = TOKEN_LOOP_RULE,
+    logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+) -> Generation:
+    """One analysis for one image, with the loop guard; `logits_processors` (e.g. serving's grammar mask) see
+    every step's logits."""
     from mlx_vlm import stream_generate
 
     mx.random.seed(seed)
@@ -149,11 +168,12 @@ def _one(
     stream = stream_generate(
         loaded.model,
         loaded.processor,
-        formatted_prompt(loaded, example.prompt),
-        image=[str(example.image_path)],
+        formatted_prompt(loaded, prompt),
+        image=[str(image_path)],
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
+        **({"logits_processors": list(logits_processors)} if logits_processors else {}),
     )
     for response in stream:
         prompt_tokens, prompt_tps = response.prompt_tokens, response.prompt_tps
@@ -164,7 +184,7 @@ def _one(
             break
         tokens.append(int(response.token))
         gen_tps = response.generation_tps
-        if ends_in_loop(tokens, rule):
+        if ends_in_loop(tokens, loop_rule):
             reason = "repetition"
             break
     stream.close()

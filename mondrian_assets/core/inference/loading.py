@@ -24,6 +24,7 @@ class LoadedModel:
     adapter_path: Path | None
     fused_layers: int = 0
     load_s: float = 0.0
+    adapter_tensors: int = 0  # adapter tensors verified to hold their saved values before fusing
 
     @property
     def tokenizer(self) -> Any:
@@ -95,12 +96,11 @@ def load_for_inference(
     tic = time.perf_counter()
     adapter = Path(adapter_path) if adapter_path is not None else None
     model, processor = mlx_vlm.load(str(base_model), adapter_path=str(adapter) if adapter is not None else None)
-    if adapter is not None:
-        verify_adapter_applied(model, adapter)
+    verified = verify_adapter_applied(model, adapter) if adapter is not None else 0
     target = _inference_dtype(dtype)
     if target is not None:
         model.set_dtype(target)
     fused = fuse_lora(model) if adapter is not None and fuse else 0
     model.eval()
     mx.eval(model.parameters())
-    return LoadedModel(model, processor, str(base_model), adapter, fused, time.perf_counter() - tic)
+    return LoadedModel(model, processor, str(base_model), adapter, fused, time.perf_counter() - tic, verified)

@@ -1,0 +1,337 @@
+"""The advisor service end to end: `mondrian-assets serve` in its own process, real HTTP on loopback, the real
+embedded model with real (tiny, quickly trained) adapters, the usage rows read back from the state DB."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mondrian_assets.core import schema
+from mondrian_assets.core.data import app_db
+from mondrian_assets.core.serving.routing import ServiceMode, route
+from mondrian_assets.core.training.config import TrainConfig
+from mondrian_assets.core.training.loop import train_lora
+
+# --- fixtures: adapters, versions, a running service ------------------------------------------------------------
+
+
+def _jpeg(seed: int, size=(96, 72)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _ansel_prompt(app_dir: Path) -> str:
+    with app_db.read_only_engine(app_dir / "mondrian.db").connect() as conn:
+        return schema.build_prompt(app_db.read_system_prompt(conn), app_db.read_advisors(conn)["ansel"].prompt)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, embedded_base, pristine_demo) -> dict[str, Path]:
+    """Two real adapters on the embedded base, trained on the demo app's own ansel prompt: `shaped` (enough steps
+    to write most of an analysis) and `early` (a few steps: different outputs, no shape)."""
+    root = tmp_path_factory.mktemp("adapters")
+    prompt = _ansel_prompt(pristine_demo.app_dir)
+    rows = []
+    for i in range(8):
+        image = root / f"{i}.jpg"
+        image.write_bytes(_jpeg(i))
+        dims = tuple(schema.Dimension(n, float(3 + (i + k) % 6), f"{n} reads well.", "Keep it.")
+                     for k, n in enumerate(schema.DIMENSION_NAMES[:7]))  # fmt: skip
+        answer = schema.canonical_json(schema.Analysis(f"Scene {i}.", dims, float(4 + i % 5), ("Light",), ("Focus",), "Zone V."))
+        rows.append({"images": [str(image)], "messages": schema.chat_messages(prompt, answer)})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for name, iters, rate in (("shaped", 24, 2e-3), ("early", 4, 1e-3)):
+        config = TrainConfig(base_model=str(embedded_base), iters=iters, learning_rate=rate, warmup_steps=2,
+                             eval_interval=100, save_interval=100, seed=3)  # fmt: skip
+        out[name] = Path(train_lora(config, data, None, root / name, data_version="serving-test").adapter_dir)
+    return out
+
+
+def _activate(home: Path, advisor: str, number: int) -> None:
+    """Switch the active pointer in one rename, as the registry does."""
+    models = home / "models"
+    staged = models / f".{advisor}-active.tmp"
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(Path("versions") / f"{advisor}-v{number}")
+    os.replace(staged, models / f"{advisor}-active")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, adapters) -> Path:
+    """A MONDRIAN_HOME whose registry holds ansel v1 (`shaped`, active) and v2 (`early`)."""
+    import shutil
+
+    home = tmp_path_factory.mktemp("home")
+    for number, name in ((1, "shaped"), (2, "early")):
+        shutil.copytree(adapters[name], home / "models" / "versions" / f"ansel-v{number}")
+    _activate(home, "ansel", 1)
+    return home
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen
+    home: Path
+
+    def post(self, image: bytes, timeout: float = 120, **fields) -> requests.Response:
+        """The app's job service's call: part `image` (named like its uploads, no content type) and form fields."""
+        return requests.post(f"{self.url}/analyze", files={"image": ("0b7c7e0e_photo.jpg", image)}, data=fields,
+                             timeout=timeout)  # fmt: skip
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=10).json()
+
+    def usage_rows(self) -> list[dict]:
+        with sqlite3.connect(self.home / "mondrian_assets.db") as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM model_usage ORDER BY id")]
+
+
+@pytest.fixture(scope="module")
+def start_service(embedded_base, pristine_demo, home) -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(*options: str) -> Service:
+        port = _free_port()
+        argv = [sys.executable, "-m", "mondrian_assets.cli", "serve", "--port", str(port), "--home", str(home),
+                "--app-dir", str(pristine_demo.app_dir), "--base-model", str(embedded_base), *options]  # fmt: skip
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(process)
+        service = Service(f"http://127.0.0.1:{port}", process, home)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the app's start-up loop: poll /health until 200 UP
+            assert process.poll() is None, process.stdout.read()
+            try:
+                answer = requests.get(f"{service.url}/health", timeout=2)
+                if answer.status_code == 200 and answer.json()["status"] == "UP":
+                    return service
+                assert answer.status_code == 202 and answer.json()["status"] == "loading"
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the service did not come up within 120 s")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def service(start_service) -> Service:
+    return start_service("--mode", "fine_tuned", "--max-tokens", "160", "--max-upload-mb", "1", "--max-waiting", "8")
+
+
+# --- modes ----------------------------------------------------------------------------------------------------
+
+
+def test_health_names_the_base_the_mode_and_each_advisors_active_version(service):
+    health = service.health()
+    assert health["status"] == "UP" and health["mode"] == "fine_tuned" and health["fine_tuned"] is True
+    assert health["advisors"]["ansel"] == {"active_version": 1, "adapter": str(service.home / "models/versions/ansel-v1")}
+    assert health["advisors"]["watkins"] == {"active_version": None}
+    assert health["constrained"] is True and health["workers"]["ready"] == 1
+
+
+def test_each_mode_answers_with_the_model_it_names(service):
+    image = _jpeg(100)
+    tuned = service.post(image, advisor="ansel", mode="baseline", enable_rag="false")  # what the app sends
+    assert tuned.status_code == 200
+    body = tuned.json()
+    assert (body["model_used"], body["version"], body["mode"]) == ("fine_tuned", 1, "fine_tuned")
+    assert body["adapter"].endswith("ansel-v1") and body["adapter_tensors_verified"] > 0
+    assert "names no model choice" in body["note"]
+    # the grammar guarantees a schema-valid analysis, and the app's fields come with it
+    assert body["parse_success"] is True and body["analysis"] == schema.analysis_to_dict(schema.parse_analysis(body["full_response"]).analysis)
+    assert body["overall_score"] == body["analysis"]["overall_score"]
+    assert "Overall Grade" in body["analysis_html"] and body["summary_html"] and body["advisor_bio"]
+    assert body["job_id"].startswith("image-")  # no job id sent: one derived from the image
+
+    base = service.post(image, advisor="ansel", mode="base").json()
+    assert (base["model_used"], base["version"], base["adapter"]) == ("base", None, None)
+    assert base["full_response"] != body["full_response"]
+    assert service.post(image, advisor="ansel", mode="lora").json()["full_response"] == body["full_response"]
+
+
+def test_ab_arm_follows_the_job_id_and_repeats(service):
+    jobs = [f"job-{i}" for i in range(10)]
+    first = {j: service.post(_jpeg(200 + i), advisor="ansel", job_id=j, mode="ab_test").json() for i, j in enumerate(jobs)}
+    for job, body in first.items():
+        assert body["model_used"] == route(ServiceMode.AB_TEST, None, job, 0.5).model
+        assert body["job_id"] == job and body["mode"] == "ab_test" and 0 <= body["arm_draw"] < 1
+    again = service.post(_jpeg(999), advisor="ansel", job_id=jobs[0], mode="ab_test").json()
+    assert again["model_used"] == first[jobs[0]]["model_used"]
+    assert {b["model_used"] for b in first.values()} == {"base", "fine_tuned"}  # both arms met in 10 jobs
+
+
+def test_fine_tuned_without_an_active_version_is_refused_not_substituted(service):
+    refused = service.post(_jpeg(1), advisor="watkins")
+    assert refused.status_code == 409 and refused.json()["error"] == "no_active_version"
+    assert service.post(_jpeg(1), advisor="watkins", mode="base").json()["model_used"] == "base"
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def _png_bomb() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(b"\0" * (30_000 * 3 + 1) * 64, 9)  # a few KB that would inflate to gigabytes in full
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0)) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_bad_requests_are_refused_with_a_reason_and_still_counted(service):
+    before = len(service.usage_rows())
+    cases = [
+        (service.post(_jpeg(1), advisor="nobody"), 404, "unknown_advisor"),
+        (service.post(_jpeg(1)[:2000], advisor="ansel"), 400, "corrupt_image"),
+        (service.post(b"just text, not a picture", advisor="ansel"), 415, "not_an_image"),
+        (service.post(_png_bomb(), advisor="ansel"), 413, "too_many_pixels"),
+        (service.post(_jpeg(1, size=(1400, 1000)) + os.urandom(1_100_000), advisor="ansel"), 413, "request_too_large"),
+        (requests.post(f"{service.url}/analyze", files={"photo": ("a.jpg", _jpeg(1))}, data={"advisor": "ansel"},
+                       timeout=10), 400, "no_image"),  # fmt: skip
+        (requests.post(f"{service.url}/analyze", json={"advisor": "ansel"}, timeout=10), 415, "not_multipart"),
+    ]
+    for response, status, code in cases:
+        assert (response.status_code, response.json()["error"]) == (status, code), response.text
+    rows = service.usage_rows()[before:]
+    assert [(r["http_status"], r["error"].split(":")[0]) for r in rows] == [(s, c) for _, s, c in cases]
+    assert all(r["model_used"] is None for r in rows)
+    assert service.post(_jpeg(2), advisor="ansel").status_code == 200  # and the service is unharmed
+
+
+def test_every_request_is_one_usage_row_written_before_the_answer(service):
+    before = len(service.usage_rows())
+    bodies = [service.post(_jpeg(300 + i), advisor="ansel", mode=m).json() for i, m in enumerate(["base", "fine_tuned", "x"])]
+    rows = service.usage_rows()[before:]
+    assert [r["id"] for r in rows] == [b["usage_id"] for b in bodies]
+    for row, body in zip(rows, bodies, strict=True):
+        assert (row["model_used"], row["version"], row["parse_ok"]) == (body["model_used"], body["version"], body["parse_success"])
+        assert row["requested_mode"] in ("base", "fine_tuned", "x") and row["latency_s"] > 0
+    all_rows = service.usage_rows()
+    assert len(all_rows) == len({r["id"] for r in all_rows})
+
+
+# --- switching versions while serving -------------------------------------------------------------------------
+
+
+def test_deploy_and_rollback_switch_the_next_request_without_failing_running_ones(service):
+    image = _jpeg(400)
+    answers: list[dict] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            response = service.post(image, advisor="ansel")
+            answers.append({"status": response.status_code, **response.json(), "ended": time.monotonic()})
+
+    def wait_for(version: int) -> float:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(a.get("version") == version and a["ended"] > switched for a in answers):
+                return time.monotonic()
+            time.sleep(0.05)
+        raise AssertionError(f"no answer from v{version}")
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(client) for _ in range(2)]
+        time.sleep(1.0)
+        switched = time.monotonic()
+        _activate(service.home, "ansel", 2)  # deploy
+        wait_for(2)
+        switched = time.monotonic()
+        _activate(service.home, "ansel", 1)  # rollback
+        wait_for(1)
+        stop.set()
+        for run in runs:
+            run.result()
+    assert [a for a in answers if a["status"] != 200] == []
+    texts = {v: {a["full_response"] for a in answers if a["version"] == v} for v in (1, 2)}
+    # each version always gives its own (greedy) answer: a reported version is the one that was applied
+    assert len(texts[1]) == 1 and len(texts[2]) == 1 and texts[1] != texts[2]
+    assert service.health()["advisors"]["ansel"]["active_version"] == 1
+
+
+# --- crashes --------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_fails_its_request_only_and_the_next_one_works(service):
+    pid = service.health()["workers"]["worker_pids"][0]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(service.post, _jpeg(500), advisor="ansel", mode="base")
+        deadline = time.monotonic() + 30
+        while service.health()["workers"]["busy"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        response = running.result()
+    assert response.status_code == 500 and response.json()["error"] == "worker_died"
+    assert "SIGKILL" in service.usage_rows()[-1]["error"]
+    after = service.post(_jpeg(501), advisor="ansel", mode="base")  # waits for the replacement worker
+    assert after.status_code == 200
+    workers = service.health()["workers"]
+    assert workers["restarts"] == 1 and pid not in workers["worker_pids"]
+
+
+# --- load and shutdown ----------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_answers_503_and_shutdown_finishes_running_work_and_fails_queued_work(start_service):
+    """One worker, one queue slot, the untrained base writing 400 constrained tokens (seconds a request)."""
+    slow = start_service("--mode", "base", "--max-tokens", "400", "--max-waiting", "1", "--missing-version", "base")
+    fallback = slow.post(_jpeg(600), advisor="watkins", mode="fine_tuned").json()  # configured fallback: said so
+    assert fallback["model_used"] == "base" and "no active fine-tuned version" in fallback["note"]
+    before = len(slow.usage_rows())
+
+    def busy_and_waiting() -> tuple[int, int]:
+        workers = slow.health()["workers"]
+        return workers["busy"], workers["waiting"]
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(slow.post, _jpeg(601), advisor="ansel")
+        while busy_and_waiting() != (1, 0):
+            time.sleep(0.02)
+        queued = pool.submit(slow.post, _jpeg(602), advisor="ansel")
+        while busy_and_waiting() != (1, 1):
+            time.sleep(0.02)
+        refused = slow.post(_jpeg(603), advisor="ansel")
+        assert refused.status_code == 503 and refused.json()["error"] == "saturated"
+        slow.process.send_signal(signal.SIGTERM)
+        assert queued.result().status_code == 503 and queued.result().json()["error"] == "unavailable"
+        assert running.result().status_code == 200  # finished, not cut off
+    slow.process.wait(timeout=60)  # uvicorn re-raises the signal once it has shut down cleanly
+    assert "Application shutdown complete" in slow.process.stdout.read()
+    rows = slow.usage_rows()[before:]
+    assert sorted(r["http_status"] for r in rows) == [200, 503, 503]

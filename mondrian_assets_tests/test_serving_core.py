@@ -1,0 +1,197 @@
+"""The service's domain pieces without HTTP: A/B routing, the analysis grammar, upload checks, usage summaries."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+import pytest
+from PIL import Image
+
+from mondrian_assets.core import schema
+from mondrian_assets.core.serving.constrained import AnalysisConstraint
+from mondrian_assets.core.serving.routing import Model, ServiceMode, arm_draw, job_key_for, route
+from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
+from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary, summary_text
+from mondrian_assets.core.state_db import state_engine
+
+# --- routing --------------------------------------------------------------------------------------------------
+
+
+def test_ab_arm_is_a_function_of_the_job_and_the_split_holds():
+    jobs = [f"job-{i}" for i in range(20_000)]
+    first = [route(ServiceMode.AB_TEST, None, j, 0.3).model for j in jobs]
+    again = [route(ServiceMode.AB_TEST, "ab_test", j, 0.3).model for j in jobs]
+    assert first == again
+    share = first.count(Model.FINE_TUNED) / len(jobs)
+    assert abs(share - 0.3) < 0.015  # binomial sd ~0.003
+    assert all(route(ServiceMode.AB_TEST, None, j, 0.0).model is Model.BASE for j in jobs[:500])
+    assert all(route(ServiceMode.AB_TEST, None, j, 1.0).model is Model.FINE_TUNED for j in jobs[:500])
+    # a job's arm does not move when the split grows: only jobs near the old boundary change, towards fine-tuned
+    moved = [j for j in jobs if route(ServiceMode.AB_TEST, None, j, 0.3).model is not route(ServiceMode.AB_TEST, None, j, 0.4).model]
+    assert all(0.3 <= arm_draw(j) < 0.4 for j in moved)
+
+
+def test_request_modes_override_only_when_they_name_a_model():
+    assert route(ServiceMode.FINE_TUNED, "base", "j", 0.5).model is Model.BASE
+    assert route(ServiceMode.BASE, "lora", "j", 0.5).model is Model.FINE_TUNED
+    assert route(ServiceMode.BASE, "ab_test", "j", 0.5).mode is ServiceMode.AB_TEST
+    for app_mode in ("baseline", "rag", "something new", None, ""):
+        chosen = route(ServiceMode.FINE_TUNED, app_mode, "j", 0.5)
+        assert chosen.model is Model.FINE_TUNED and chosen.arm_draw is None
+        assert ("names no model choice" in chosen.note) == bool(app_mode)
+
+
+def test_a_request_without_a_job_id_is_keyed_by_its_image():
+    assert job_key_for(None, "ab" * 32) == job_key_for("  ", "ab" * 32) == "image-" + "ab" * 16
+    assert job_key_for("42", "ab" * 32) == "42"
+
+
+# --- the grammar ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def constraint(embedded_base) -> AnalysisConstraint:
+    from transformers import PreTrainedTokenizerFast
+
+    return AnalysisConstraint.for_processor(PreTrainedTokenizerFast.from_pretrained(str(embedded_base)))
+
+
+def _analysis(names, score=7.5, **extra) -> schema.Analysis:
+    dims = tuple(schema.Dimension(n, score, f"{n} holds.", "Try a lower angle.") for n in names)
+    return schema.Analysis("A lake at dawn, \"quiet\".", dims, 7.25, ("Light",), ("Focus",), "", **extra)
+
+
+def test_the_grammar_accepts_every_canonical_analysis(constraint):
+    names = schema.DIMENSION_NAMES
+    for chosen in (names[:7], names, names[:7][:3] + names[:7][4:], ("Lighting",), ("Composition", "Subject Matter")):
+        assert constraint.accepts(schema.canonical_json(_analysis(chosen)))
+    with_cases = _analysis(("Lighting",), case_studies=(schema.CaseStudy("Moonrise", "1941", "Lighting", "Dusk."),))
+    assert constraint.accepts(schema.canonical_json(with_cases))
+
+
+def _reordered_dimensions() -> str:
+    data = schema.analysis_to_dict(_analysis(("Composition", "Lighting")))
+    data["dimensions"].reverse()
+    return json.dumps(data, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        schema.canonical_json(_analysis(("Lighting", "Lighting"))),  # duplicate names
+        _reordered_dimensions(),  # valid, but not the canonical order the model is trained on
+        schema.canonical_json(_analysis(("Sharpness",))),  # an unknown dimension
+        schema.canonical_json(_analysis(("Lighting",), score=11)),
+        schema.canonical_json(_analysis(("Lighting",), score=0.5)),
+        schema.canonical_json(_analysis(("Lighting",))).replace('"Light"', '" "'),  # blank text
+        schema.canonical_json(_analysis(("Lighting",))).replace(',"technical_notes":""', ""),  # a missing key
+        schema.canonical_json(_analysis(("Lighting",))).replace('{"image', '{ "image'),  # whitespace
+        schema.canonical_json(_analysis(("Lighting",))) + "}",  # the app's extra brace
+    ],
+)
+def test_the_grammar_refuses_what_the_schema_refuses(constraint, text):
+    assert not constraint.accepts(text)
+
+
+def test_every_sentence_of_the_grammar_is_a_valid_analysis(constraint):
+    """Random walks through the grammar (random allowed tokens, half the time one that can close something)
+    must all parse and validate: the grammar is never looser than the schema."""
+    tokenizer, grammar = constraint._tokenizer, constraint._grammar
+    closing = np.array([any(c in tokenizer.decode_str([t]) for c in '"]},') for t in range(tokenizer.vocab_size)])
+    rng = random.Random(0)
+    for _ in range(20):
+        matcher = llguidance.LLMatcher(tokenizer, grammar)
+        words = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+        tokens: list[int] = []
+        for _ in range(5000):
+            llguidance.numpy.fill_next_token_bitmask(matcher, words)
+            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[: tokenizer.vocab_size].astype(bool)
+            if allowed[constraint.end_of_turn_id]:
+                break
+            pool = np.flatnonzero(allowed & closing) if rng.random() < 0.5 else []
+            token = int(rng.choice(list(pool) if len(pool) else list(np.flatnonzero(allowed))))
+            assert matcher.consume_token(token), matcher.get_error()
+            tokens.append(token)
+        result = schema.parse_analysis(tokenizer.decode_str(tokens))
+        assert result.ok, (result.error, result.detail)
+        assert matcher.consume_token(constraint.end_of_turn_id) and matcher.is_stopped()
+
+
+# --- uploads --------------------------------------------------------------------------------------------------
+
+
+def _jpeg(size=(640, 480), **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (a bomb's header) with one tiny compressed row."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_good_upload_becomes_the_apps_view_of_it():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright image is portrait
+    prepared = prepare_upload(_jpeg((2000, 1000), exif=exif.tobytes()))
+    view = Image.open(io.BytesIO(prepared.jpeg))
+    assert (prepared.width, prepared.height) == (2000, 1000)
+    assert view.size == (400, 800) and view.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"", 400, "empty_image"),
+        (b"GIF89a not really", 415, "not_an_image"),
+        (b"%PDF-1.7\n" + b"x" * 100, 415, "not_an_image"),
+        (_jpeg()[:1500], 400, "corrupt_image"),
+        (_png_header_only(8_000, 8_000), 413, "too_many_pixels"),  # our limit, below PIL's
+        (_png_header_only(20_000, 20_000), 413, "too_many_pixels"),  # PIL's own bomb guard
+        (_png_header_only(300, 300), 400, "corrupt_image"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_reason(data, status, code):
+    with pytest.raises(UploadRejected) as caught:
+        prepare_upload(data)
+    assert (caught.value.status, caught.value.code) == (status, code)
+
+
+# --- usage ----------------------------------------------------------------------------------------------------
+
+
+def test_serving_summary_counts_rows_per_advisor_model_and_arm(tmp_path: Path):
+    engine = state_engine(tmp_path / "state.db")
+    rows = [
+        UsageRow("j1", "ansel", None, "ab_test", "ab_test", 0.1, "fine_tuned", 2, constrained=True, http_status=200,
+                 latency_s=1.0, parse_ok=True, grammar_corrections=0),
+        UsageRow("j2", "ansel", None, "ab_test", "ab_test", 0.2, "fine_tuned", 2, constrained=True, http_status=200,
+                 latency_s=3.0, parse_ok=True, grammar_corrections=4),
+        UsageRow("j3", "ansel", None, "ab_test", "ab_test", 0.9, "base", constrained=False, http_status=200,
+                 latency_s=2.0, parse_ok=False),
+        UsageRow("j4", "ansel", "base", "ab_test", http_status=400, error="corrupt_image: ..."),
+        UsageRow("j5", "ansel", None, "ab_test", "ab_test", 0.95, "base", http_status=500, error="worker_died: ..."),
+    ]  # fmt: skip
+    for row in rows:
+        record_usage(engine, row)
+    summary = serving_summary(engine)
+    assert summary.total.requests == 5 and summary.total.rejected == 1 and summary.total.errors == 1
+    tuned = summary.ab_arms["fine_tuned"]
+    assert (tuned.served, tuned.valid_json, tuned.unaided_valid_json) == (2, 1.0, 0.5)
+    assert summary.ab_arms["base"].served == 1 and summary.ab_arms["base"].valid_json == 0.0
+    assert summary.by_version == {("ansel", 2): 2}
+    assert summary.by_advisor_model[("ansel", "-")].rejected == 1
+    assert "fine_tuned" in summary_text(summary) and "ansel-v2: 2" in summary_text(summary)
