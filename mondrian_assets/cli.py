@@ -210,6 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The advisor service on HTTP: the app's job service (or curl) posts images to /analyze."""
+    from mondrian_assets.core.data.app_db import AppDatabaseError
     from mondrian_assets.core.serving.app import serve
     from mondrian_assets.core.serving.routing import ServiceMode
     from mondrian_assets.core.serving.service import AdvisorService, ServiceConfig
@@ -227,8 +228,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_tokens=args.max_tokens,
         job_timeout_s=args.job_timeout,
     )  # fmt: skip
+    try:
+        service = AdvisorService(config, loc)
+    except AppDatabaseError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"serving {base} in {args.mode} mode on http://{args.host}:{args.port} (state DB {loc.state_db})", flush=True)
-    serve(AdvisorService(config, loc), args.host, args.port, grace_s=args.grace)
+    serve(service, args.host, args.port, grace_s=args.grace)
     return 0
 
 

@@ -63,7 +63,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in statuses:
         if s.pointer_repaired:
             print(f"repaired {loc.models / (s.advisor + '-active')} -> {s.pointer or '(removed)'} to match the registry")
+    _print_serving(engine)
     return 0
+
+
+def _print_serving(engine: sa.Engine) -> None:
+    """What the advisor service served (the `usage` command's report), when it served anything."""
+    from mondrian_assets.core.serving.usage import serving_summary, summary_text
+
+    summary = serving_summary(engine)
+    if summary.total.requests:
+        print("\n" + summary_text(summary))
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

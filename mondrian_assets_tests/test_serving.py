@@ -244,6 +244,18 @@ def test_every_request_is_one_usage_row_written_before_the_answer(service):
     assert len(all_rows) == len({r["id"] for r in all_rows})
 
 
+def test_usage_command_summarizes_the_rows(service):
+    rows = service.usage_rows()
+    out = subprocess.run([sys.executable, "-m", "mondrian_assets.cli", "usage", "--home", str(service.home)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    total = next(line for line in out.splitlines() if line.strip().startswith("all")).split()
+    assert int(total[1]) == len(rows) and int(total[2]) == sum(r["http_status"] == 200 for r in rows)
+    assert "ansel / fine_tuned" in out and "ansel / base" in out and "A/B test" in out and "ansel-v1:" in out
+    status = subprocess.run([sys.executable, "-m", "mondrian_assets.cli", "status", "--home", str(service.home)],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "ansel-v1" in status and "usage per advisor and model" in status
+
+
 # --- switching versions while serving -------------------------------------------------------------------------
 
 
@@ -309,27 +321,34 @@ def test_a_killed_worker_fails_its_request_only_and_the_next_one_works(service):
 
 
 def test_a_full_queue_answers_503_and_shutdown_finishes_running_work_and_fails_queued_work(start_service):
-    """One worker, one queue slot, the untrained base writing 400 constrained tokens (seconds a request)."""
-    slow = start_service("--mode", "base", "--max-tokens", "400", "--max-waiting", "1", "--missing-version", "base")
+    """One worker, one queue slot. The worker is paused (SIGSTOP) while it holds a request, so the request stays
+    running however fast the machine is."""
+    slow = start_service("--mode", "base", "--max-tokens", "64", "--max-waiting", "1", "--missing-version", "base")
     fallback = slow.post(_jpeg(600), advisor="watkins", mode="fine_tuned").json()  # configured fallback: said so
     assert fallback["model_used"] == "base" and "no active fine-tuned version" in fallback["note"]
     before = len(slow.usage_rows())
+    worker = slow.health()["workers"]["worker_pids"][0]
 
-    def busy_and_waiting() -> tuple[int, int]:
-        workers = slow.health()["workers"]
-        return workers["busy"], workers["waiting"]
+    def wait_for(busy: int, waiting: int) -> None:
+        deadline = time.monotonic() + 30
+        while (slow.health()["workers"]["busy"], slow.health()["workers"]["waiting"]) != (busy, waiting):
+            assert time.monotonic() < deadline, slow.health()["workers"]
+            time.sleep(0.02)
 
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(slow.post, _jpeg(601), advisor="ansel")
-        while busy_and_waiting() != (1, 0):
-            time.sleep(0.02)
-        queued = pool.submit(slow.post, _jpeg(602), advisor="ansel")
-        while busy_and_waiting() != (1, 1):
-            time.sleep(0.02)
-        refused = slow.post(_jpeg(603), advisor="ansel")
-        assert refused.status_code == 503 and refused.json()["error"] == "saturated"
-        slow.process.send_signal(signal.SIGTERM)
-        assert queued.result().status_code == 503 and queued.result().json()["error"] == "unavailable"
+        wait_for(1, 0)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            queued = pool.submit(slow.post, _jpeg(602), advisor="ansel")
+            wait_for(1, 1)
+            refused = slow.post(_jpeg(603), advisor="ansel")
+            assert refused.status_code == 503 and refused.json()["error"] == "saturated"
+            slow.process.send_signal(signal.SIGTERM)
+            assert queued.result().status_code == 503 and queued.result().json()["error"] == "unavailable"
+            assert not running.done()
+        finally:
+            os.kill(worker, signal.SIGCONT)
         assert running.result().status_code == 200  # finished, not cut off
     slow.process.wait(timeout=60)  # uvicorn re-raises the signal once it has shut down cleanly
     assert "Application shutdown complete" in slow.process.stdout.read()

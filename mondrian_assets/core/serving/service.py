@@ -10,7 +10,6 @@ started with.
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 import uuid
@@ -18,13 +17,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.serving import render
-from mondrian_assets.core.serving.pool import JobFailed, PoolClosed, PoolSaturated, WorkerDied, WorkerPool, WorkerTimeout
+from mondrian_assets.core.serving.pool import (
+    JobFailed,
+    PoolClosed,
+    PoolSaturated,
+    WorkerDied,
+    WorkerPool,
+    WorkerTimeout,
+)
 from mondrian_assets.core.serving.routing import Model, ServiceMode, job_key_for, route
 from mondrian_assets.core.serving.uploads import DEFAULT_MAX_PIXELS, UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary
