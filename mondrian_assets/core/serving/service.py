@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
+from mondrian_assets.core.data.images import MAX_IMAGE_PIXELS
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.serving import render
 from mondrian_assets.core.serving.pool import (
@@ -30,7 +31,7 @@ from mondrian_assets.core.serving.pool import (
     WorkerTimeout,
 )
 from mondrian_assets.core.serving.routing import Model, ServiceMode, job_key_for, route
-from mondrian_assets.core.serving.uploads import DEFAULT_MAX_PIXELS, UploadRejected, prepare_upload
+from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary
 from mondrian_assets.core.serving.versions import ActiveVersion, active_version
 from mondrian_assets.core.serving.worker import Job, JobResult, WorkerSpec
@@ -50,7 +51,7 @@ class ServiceConfig:
     workers: int = 1
     max_waiting: int = 4
     max_upload_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = MAX_IMAGE_PIXELS
     max_tokens: int = 1536
     job_timeout_s: float = 280.0  # under the app's 300 s client timeout, so it hears our answer
     fused_cache_size: int = 2
@@ -196,7 +197,8 @@ class AdvisorService:
             known = ", ".join(sorted(advisors)) or "none"
             return outcome.fail(404, "unknown_advisor", f"no advisor {advisor!r} in the app's database (known: {known})")
         try:
-            upload = prepare_upload(form.image, max_pixels=self.config.max_pixels)
+            # decoding is CPU work: off the event loop, so /health and other requests stay answered meanwhile
+            upload = await asyncio.to_thread(prepare_upload, form.image, max_pixels=self.config.max_pixels)
         except UploadRejected as rejected:
             return outcome.fail(rejected.status, rejected.code, str(rejected))
 

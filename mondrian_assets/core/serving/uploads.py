@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from mondrian_assets.core.data.images import APP_MAX_SIDE, app_view
-
-DEFAULT_MAX_PIXELS = 50_000_000  # a 12 MP phone photo is ~12.2 M; beyond 50 M it is a bomb or a scan, not a photo
+from mondrian_assets.core.data.images import APP_MAX_SIDE, MAX_IMAGE_PIXELS, PHOTO_FORMATS, app_view
 
 
 class UploadRejected(ValueError):
@@ -33,16 +31,17 @@ class PreparedUpload:
     format: str
 
 
-def prepare_upload(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = APP_MAX_SIDE) -> PreparedUpload:
+def prepare_upload(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = APP_MAX_SIDE) -> PreparedUpload:
     if not data:
         raise UploadRejected(400, "empty_image", "the `image` part is empty")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)  # the header only; never EPS, PDF & co.
     except Image.DecompressionBombError as exc:  # PIL's own guard, past twice its pixel limit
         raise UploadRejected(413, "too_many_pixels", str(exc)) from None
     except UnidentifiedImageError:
-        raise UploadRejected(415, "not_an_image", "the `image` part is not an image PIL can read (JPEG, PNG, ...)") from None
+        formats = ", ".join(PHOTO_FORMATS)
+        raise UploadRejected(415, "not_an_image", f"the `image` part is not a photo ({formats})") from None
     except (OSError, ValueError) as exc:
         raise UploadRejected(400, "unreadable_image", f"the image header cannot be read: {exc}") from None
     with image:
