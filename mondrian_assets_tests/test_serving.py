@@ -25,7 +25,10 @@ from PIL import Image
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
+from mondrian_assets.core.registry import decisions
+from mondrian_assets.core.registry.versions import register_version
 from mondrian_assets.core.serving.routing import ServiceMode, route
+from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.training.config import TrainConfig
 from mondrian_assets.core.training.loop import train_lora
 
@@ -67,24 +70,25 @@ def adapters(tmp_path_factory, embedded_base, pristine_demo) -> dict[str, Path]:
     return out
 
 
-def _activate(home: Path, advisor: str, number: int) -> None:
-    """Switch the active pointer in one rename, as the registry does."""
-    models = home / "models"
-    staged = models / f".{advisor}-active.tmp"
-    staged.unlink(missing_ok=True)
-    staged.symlink_to(Path("versions") / f"{advisor}-v{number}")
-    os.replace(staged, models / f"{advisor}-active")
+def _deploy(home: Path, number: int) -> None:
+    """Make version `number` active through the registry (pin it, then unpin: it stays active)."""
+    engine = state_engine(home / "mondrian_assets.db")
+    decisions.pin(engine, home / "models", "ansel", number=number, actor="test")
+    decisions.unpin(engine, home / "models", "ansel", actor="test")
+
+
+def _rollback(home: Path, to: int | None = None) -> None:
+    decisions.rollback(state_engine(home / "mondrian_assets.db"), home / "models", "ansel", to=to, actor="test")
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, adapters) -> Path:
     """A MONDRIAN_HOME whose registry holds ansel v1 (`shaped`, active) and v2 (`early`)."""
-    import shutil
-
     home = tmp_path_factory.mktemp("home")
-    for number, name in ((1, "shaped"), (2, "early")):
-        shutil.copytree(adapters[name], home / "models" / "versions" / f"ansel-v{number}")
-    _activate(home, "ansel", 1)
+    engine = state_engine(home / "mondrian_assets.db")
+    for name in ("shaped", "early"):
+        register_version(engine, home / "models", "ansel", adapters[name], report=None, metrics={}, gates_passed=True)
+    _deploy(home, 1)
     return home
 
 
@@ -281,10 +285,10 @@ def test_deploy_and_rollback_switch_the_next_request_without_failing_running_one
         runs = [pool.submit(client) for _ in range(2)]
         time.sleep(1.0)
         switched = time.monotonic()
-        _activate(service.home, "ansel", 2)  # deploy
+        _deploy(service.home, 2)
         wait_for(2)
         switched = time.monotonic()
-        _activate(service.home, "ansel", 1)  # rollback
+        _rollback(service.home)  # to v1
         wait_for(1)
         stop.set()
         for run in runs:
@@ -294,6 +298,27 @@ def test_deploy_and_rollback_switch_the_next_request_without_failing_running_one
     # each version always gives its own (greedy) answer: a reported version is the one that was applied
     assert len(texts[1]) == 1 and len(texts[2]) == 1 and texts[1] != texts[2]
     assert service.health()["advisors"]["ansel"]["active_version"] == 1
+
+
+def test_a_version_whose_files_no_longer_match_the_registry_is_not_served_under_its_name(service, adapters):
+    import shutil
+
+    engine = state_engine(service.home / "mondrian_assets.db")
+    copy = service.home / "early-copy"
+    shutil.copytree(adapters["early"], copy)
+    (copy / "adapter_config.json").write_text((copy / "adapter_config.json").read_text() + "\n")  # new content
+    version, _ = register_version(engine, service.home / "models", "ansel", copy, report=None, metrics={}, gates_passed=True)
+    weights = version.path / "adapters.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes((adapters["shaped"] / "adapters.safetensors").read_bytes())  # tampered after registration
+    _deploy(service.home, version.number)
+    try:
+        refused = service.post(_jpeg(450), advisor="ansel")
+        assert refused.status_code == 500 and "content hash differs" in refused.json()["message"]
+        assert service.usage_rows()[-1]["version"] is None  # the row does not claim a version either
+    finally:
+        _rollback(service.home, to=1)
+    assert service.post(_jpeg(450), advisor="ansel").json()["version"] == 1
 
 
 # --- crashes --------------------------------------------------------------------------------------------------

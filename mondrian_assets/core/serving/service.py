@@ -21,6 +21,7 @@ from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
 from mondrian_assets.core.data.images import MAX_IMAGE_PIXELS
 from mondrian_assets.core.locations import Locations
+from mondrian_assets.core.registry.versions import Version, active_version
 from mondrian_assets.core.serving import render
 from mondrian_assets.core.serving.pool import (
     JobFailed,
@@ -33,7 +34,6 @@ from mondrian_assets.core.serving.pool import (
 from mondrian_assets.core.serving.routing import Model, ServiceMode, job_key_for, route
 from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary
-from mondrian_assets.core.serving.versions import ActiveVersion, active_version
 from mondrian_assets.core.serving.worker import Job, JobResult, WorkerSpec
 from mondrian_assets.core.state_db import state_engine
 
@@ -87,6 +87,14 @@ class _Outcome:
         self.body = {"error": code, "message": message}
 
 
+def _same_model(a: str, b: str) -> bool:
+    """The same base model: the same folder (however the path is written), or the same hub id."""
+    left, right = Path(a).expanduser(), Path(b).expanduser()
+    if left.exists() and right.exists():
+        return left.resolve() == right.resolve()
+    return a == b
+
+
 class AdvisorService:
     def __init__(self, config: ServiceConfig, locations: Locations):
         self.config = config
@@ -132,7 +140,7 @@ class AdvisorService:
                              "message": f"loading {self.config.base_model} in {pool.starting} worker(s)"}  # fmt: skip
             return 503, {"status": "error", "error": pool.load_error or "no generation worker is running"}
         advisors, _ = self._advisors()
-        versions = {a: active_version(self.locations, a) for a in sorted(advisors)}
+        versions = {a: active_version(self.engine, a) for a in sorted(advisors)}
         default = versions.get(DEFAULT_ADVISOR)
         return 200, {
             "status": "UP",
@@ -145,7 +153,7 @@ class AdvisorService:
             "lora_path": str(default.path) if default and self.config.mode is not ServiceMode.BASE else None,
             "constrained": self.config.constrained,
             "missing_version": self.config.missing_version,
-            "advisors": {a: ({"active_version": v.version, "adapter": str(v.path)} if v else {"active_version": None})
+            "advisors": {a: ({"active_version": v.number, "adapter": str(v.path)} if v else {"active_version": None})
                          for a, v in versions.items()},  # fmt: skip
             "workers": pool.as_dict(),
         }
@@ -205,21 +213,24 @@ class AdvisorService:
         row.job_id = job_key_for(form.job_id, upload.sha256)
         chosen = route(self.config.mode, form.mode, row.job_id, self.config.ab_split)
         row.route_mode, row.arm_draw, row.note = str(chosen.mode), chosen.arm_draw, chosen.note or None
-        version: ActiveVersion | None = None
+        version: Version | None = None
         if chosen.model is Model.FINE_TUNED:
-            version = active_version(self.locations, advisor)
+            version = active_version(self.engine, advisor)
             if version is None:
                 reason = f"advisor {advisor!r} has no active fine-tuned version"
                 if self.config.missing_version == "refuse":
                     return outcome.fail(409, "no_active_version", reason + " (deploy one, or ask for mode=base)")
                 row.note = "; ".join(filter(None, [row.note, reason + ": served the base model (missing_version=base)"]))
+            elif not _same_model(version.base_model, self.config.base_model):
+                return outcome.fail(500, "base_model_mismatch", f"{version.name} was trained on {version.base_model}; "
+                                    f"this service runs {self.config.base_model}")  # fmt: skip
         model_used = Model.FINE_TUNED if version is not None else Model.BASE
 
         prompt = schema.build_prompt(system_prompt, advisors[advisor].prompt)
         image_path = Path(self._scratch.name) / f"{uuid.uuid4().hex}.jpg"  # per request: the same photo may be in flight twice
         image_path.write_bytes(upload.jpeg)
         job = Job(str(image_path), prompt, self.config.max_tokens, self.config.constrained,
-                  str(version.path) if version else None)  # fmt: skip
+                  str(version.path) if version else None, version.content_hash if version else None)  # fmt: skip
         row.constrained = self.config.constrained
         try:
             result = await self.pool.run(job)
@@ -238,11 +249,11 @@ class AdvisorService:
 
         row.model_used = str(model_used)
         if version is not None:
-            row.version, row.adapter_path = version.version, str(version.path)
+            row.version, row.adapter_path = version.number, str(version.path)
         self._answer(outcome, advisors[advisor], prompt, result, chosen.mode, version)
 
     def _answer(self, outcome: _Outcome, advisor: app_db.AdvisorRow, prompt: str, result: JobResult,
-                mode: ServiceMode, version: ActiveVersion | None) -> None:  # fmt: skip
+                mode: ServiceMode, version: Version | None) -> None:  # fmt: skip
         row = outcome.row
         thinking, answer = schema.split_thinking(result.text)
         parsed = schema.parse_analysis(answer)
@@ -267,7 +278,7 @@ class AdvisorService:
             "llm_prompt": prompt,
             "model": model_label,
             "model_used": row.model_used,
-            "version": version.version if version else None,
+            "version": version.number if version else None,
             "adapter": str(version.path) if version else None,
             "adapter_tensors_verified": result.adapter_tensors_verified,
             "mode": str(mode),

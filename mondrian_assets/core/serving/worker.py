@@ -34,6 +34,7 @@ class Job:
     max_tokens: int
     constrained: bool
     adapter_path: str | None = None  # None: the base model
+    adapter_hash: str | None = None  # the registry's content hash of that version: what must be loaded
     seed: int = 0
 
 
@@ -63,26 +64,30 @@ class _Models:
 
             self.constraint = AnalysisConstraint.for_processor(self.base.processor)
 
-    def get(self, adapter_path: str | None) -> Any:
-        from mondrian_assets.core.inference.loading import load_for_inference
+    def get(self, adapter_path: str | None, adapter_hash: str | None) -> Any:
+        from mondrian_assets.core.inference.loading import AdapterNotApplied, load_for_inference
+        from mondrian_assets.core.registry.versions import adapter_content_hash
 
         if adapter_path is None:
             return self.base
-        if adapter_path in self._fused:
-            self._fused.move_to_end(adapter_path)
-            return self._fused[adapter_path]
+        key = f"{adapter_path}#{adapter_hash}"
+        if key in self._fused:
+            self._fused.move_to_end(key)
+            return self._fused[key]
+        if adapter_hash is not None and adapter_content_hash(Path(adapter_path)) != adapter_hash:
+            raise AdapterNotApplied(f"{adapter_path} does not hold the registered adapter (its content hash differs)")
         while len(self._fused) >= max(1, self.spec.fused_cache_size):
             self._fused.popitem(last=False)
             gc.collect()
         # load_for_inference verifies every adapter tensor landed in the model before it fuses (AdapterNotApplied)
         loaded = load_for_inference(self.spec.base_model, Path(adapter_path), dtype=self.spec.dtype)
-        self._fused[adapter_path] = loaded
+        self._fused[key] = loaded
         return loaded
 
     def run(self, job: Job) -> JobResult:
         from mondrian_assets.core.inference.generate import eos_ids, generate_one
 
-        loaded = self.get(job.adapter_path)
+        loaded = self.get(job.adapter_path, job.adapter_hash)
         mask = None
         if job.constrained:
             if self.constraint is None:
