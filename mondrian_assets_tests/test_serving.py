@@ -173,10 +173,17 @@ def test_each_mode_answers_with_the_model_it_names(service):
     assert (body["model_used"], body["version"], body["mode"]) == ("fine_tuned", 1, "fine_tuned")
     assert body["adapter"].endswith("ansel-v1") and body["adapter_tensors_verified"] > 0
     assert "names no model choice" in body["note"]
-    # the grammar guarantees a schema-valid analysis, and the app's fields come with it
-    assert body["parse_success"] is True and body["analysis"] == schema.analysis_to_dict(schema.parse_analysis(body["full_response"]).analysis)
-    assert body["overall_score"] == body["analysis"]["overall_score"]
-    assert "Overall Grade" in body["analysis_html"] and body["summary_html"] and body["advisor_bio"]
+    # a finished answer is schema-valid (the grammar's guarantee; the grammar itself is tested in
+    # test_serving_core), and the app's fields come with it; a cut-off one (token budget, loop guard) says so
+    parsed = schema.parse_analysis(body["full_response"])
+    assert body["parse_success"] is parsed.ok and (parsed.ok or body["finish_reason"] in ("length", "repetition")), body
+    if parsed.ok:
+        assert body["analysis"] == schema.analysis_to_dict(parsed.analysis)
+        assert body["overall_score"] == body["analysis"]["overall_score"]
+        assert "Overall Grade" in body["analysis_html"] and body["summary_html"]
+    else:
+        assert body["analysis"] is None and "could not be read" in body["analysis_html"]
+    assert body["advisor_bio"] and body["advisor_bio_html"]
     assert body["job_id"].startswith("image-")  # no job id sent: one derived from the image
 
     base = service.post(image, advisor="ansel", mode="base").json()
