@@ -39,9 +39,10 @@ def test_judge_holds_within_the_tolerance_and_fails_each_bar():
 
 
 def _tick(mondrian_db: MondrianDatabase, instance: dg.DagsterInstance):
-    context = dg.build_schedule_context(instance=instance, resources={"mondrian_db": mondrian_db},
-                                        scheduled_execution_time=NIGHT, repository_def=defs.get_repository_def())  # fmt: skip
-    return nightly_evaluation_schedule.evaluate_tick(context)
+    # as a context manager: the resources it builds are closed again, leaving no state to later tests
+    with dg.build_schedule_context(instance=instance, resources={"mondrian_db": mondrian_db},
+                                   scheduled_execution_time=NIGHT, repository_def=defs.get_repository_def()) as context:  # fmt: skip
+        return nightly_evaluation_schedule.evaluate_tick(context)
 
 
 def test_schedule_requests_one_run_per_advisor_with_an_active_version(tmp_path, instance):
