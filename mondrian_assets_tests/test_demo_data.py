@@ -112,14 +112,14 @@ def test_other_seed_differs(tmp_path: Path) -> None:
 
 def test_advisor_counts(demo: tuple[Path, dd.DemoSummary], rows: dict[str, dict], truth: dict[str, dict]) -> None:
     counts = demo[1].completed_by_advisor
-    assert counts["ansel"] >= 80
-    assert 15 <= counts["weston"] <= 25 and 8 <= counts["watkins"] <= 16
+    assert counts["ansel"] >= 90 and counts["weston"] >= 60
+    assert 8 <= counts["watkins"] <= 14
     assert counts["okeefe"] == 3
     assert "cunningham" not in counts
     okeefe = [t for t in truth.values() if t["advisor"] == "okeefe"]
     assert all(not t["planted"] and t["intended"] and t["image"] for t in okeefe)
     finished = [r for r in rows.values() if r["status"] in FINISHED]
-    assert 110 <= len(finished) <= 130
+    assert 170 <= len(finished) <= 195
 
 
 def test_advisors_and_config_tables(demo: tuple[Path, dd.DemoSummary]) -> None:
@@ -295,7 +295,9 @@ def test_scores_and_overall(truth: dict[str, dict]) -> None:
         scores = [d["score"] for d in data["dimensions"]]
         assert all(3 <= s <= 10 and s * 2 == int(s * 2) for s in scores)
         assert SCORE_MIN <= data["overall_score"] <= SCORE_MAX
-        assert data["overall_score"] == round(sum(scores) / len(scores), 1)
+        # the overall grade: the mean of the tonal dimensions (every dimension set has them), in half points
+        tonal = [d["score"] for d in data["dimensions"] if d["name"] in ("Lighting", "Depth & Perspective", "Emotional Impact")]
+        assert len(tonal) == 3 and data["overall_score"] == round(2 * sum(tonal) / 3) / 2
         assert len(data["key_strengths"]) == 2 and len(data["priority_improvements"]) == 2
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from mondrian_assets.core import atomic
 
 SPEC_FILE = "tiny_model_spec.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: numbers are tokens of their own, shared by every score field
 
 # Qwen's special tokens, in Qwen's own order; each must stay a single token.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -82,7 +82,7 @@ class TinyModelSpec:
     """
 
     # tokenizer: merges cross word boundaries but never a JSON string boundary (see _pre_tokenizer), so a
-    # ~1,100-character analysis is ~70 tokens and the ~1,300-character prompt ~45
+    # ~1,100-character analysis is ~80 tokens and the ~1,300-character prompt ~45
     vocab_size: int = 4096  # upper bound (special tokens and the 256 byte symbols included); the corpus runs out first
     max_token_chars: int = 64  # whole phrases and whole structure runs (a token never straddles a string boundary)
     min_pair_frequency: int = 1  # 1: text seen once (each advisor's own prompt paragraph) is merged too
@@ -208,10 +208,12 @@ def _check_spec(spec: TinyModelSpec) -> None:
 
 
 # A run of JSON structure: brackets, structural commas and colons (prose ones are followed by a space), quoted
-# keys and quotes, optionally ending in the number it introduces; or a number on its own. Everything between two
-# runs is the content of a JSON string, or prose.
+# keys and quotes; or a number on its own. Everything between two runs is the content of a JSON string, or prose.
+# Numbers stand apart so every score field writes its value with the same ~15 tokens: fused into the structure
+# before them (`"}],"overall_score":6.4`), each overall score was a token of its own, most seen once or twice in
+# an advisor's data, and the model could not learn which to pick from the photo.
 _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-_JSON_STRUCTURE = rf'(?:[\[\]{{}}]|[,:](?! )|"[A-Za-z_]+"(?=:)|")+(?:{_NUMBER})?|{_NUMBER}'
+_JSON_STRUCTURE = rf'(?:[\[\]{{}}]|[,:](?! )|"[A-Za-z_]+"(?=:)|")+|{_NUMBER}'
 
 
 def _pre_tokenizer():
@@ -219,8 +221,7 @@ def _pre_tokenizer():
 
     GPT-style word splitting keeps every JSON punctuation run (`":"`, `","`) and every word a separate token, which
     makes an analysis several hundred tokens long. Here merges may cross word boundaries, so a recurring phrase
-    ("Keep this placement.") or a run of structure with the number it introduces (`","score":6.5`) becomes one
-    token and an analysis is ~70 tokens. But no token straddles a string boundary: content tokens hold no quote,
+    ("Keep this placement.") or a run of structure (`","score":`) becomes one token and an analysis is ~80 tokens. But no token straddles a string boundary: content tokens hold no quote,
     so a model unsure which words come next still writes valid JSON, and the structure tokens are few and
     frequent, hence learnt first. (Tokens that ran on across the boundary, e.g. `Keep it even."},{"name":"Emotional`,
     made a model unsure of the words jump into the wrong place of the structure.) Prose also splits before ", ",
