@@ -11,10 +11,16 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mondrian_assets import registry_commands
+from mondrian_assets.advisor_table import AdvisorRow, evaluated_cells, render
 from mondrian_assets.core.locations import Locations
+
+if TYPE_CHECKING:  # importing Dagster is slow; commands that run jobs import it when they run
+    from mondrian_assets.run_outcome import RunOutcome
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # workspace.yaml
@@ -39,10 +45,10 @@ def _use_demo_if_unset(args: argparse.Namespace) -> Locations:
     return loc
 
 
-def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int = 120) -> None:
-    from mondrian_assets.demo.app import generate_demo_app
+def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int | None = None) -> None:
+    from mondrian_assets.demo.app import DEFAULT_JOBS, generate_demo_app
 
-    summary = generate_demo_app(app_dir, seed=seed, n_jobs=n_jobs)
+    summary = generate_demo_app(app_dir, seed=seed, n_jobs=n_jobs or DEFAULT_JOBS)
     per_advisor = ", ".join(f"{a} {n}" for a, n in sorted(summary.completed_by_advisor.items()))
     print(f"demo app written to {summary.app_dir}: {summary.jobs_total} jobs ({per_advisor} completed)")
 
@@ -57,34 +63,6 @@ def _instance(loc: Locations):
     if not (home / "dagster.yaml").exists():
         shutil.copyfile(INSTANCE_TEMPLATE, home / "dagster.yaml")
     return dg.DagsterInstance.get()
-
-
-def _run_job(name: str, instance, partition_key: str | None = None) -> str:
-    """Run a job in-process on the persistent instance: "ok", "gated" (a blocking check failed: its asset
-    materialized, what is downstream did not) or "failed"."""
-    import warnings
-
-    import dagster as dg
-
-    from mondrian_assets.definitions import defs
-
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    result = defs.resolve_job_def(name).execute_in_process(
-        instance=instance,
-        partition_key=partition_key,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},  # progress, not event noise
-    )
-    if result.success:
-        return "ok"
-    label = f"{name}[{partition_key}]" if partition_key else name
-    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    errors = [str(e.event_specific_data.error.message) for e in failures if e.event_specific_data.error]  # type: ignore[union-attr]
-    if errors and all("blocking asset check" in msg for msg in errors):
-        print(f"{label}: gate failed, downstream blocked: {errors[0].strip()}", file=sys.stderr)
-        return "gated"
-    print(f"{label} FAILED (run {result.run_id}): {errors[-1].strip() if errors else 'see the run log'}", file=sys.stderr)
-    return "failed"
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -107,12 +85,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_link(args: argparse.Namespace) -> int:
     from mondrian_assets.core.data.linker import summary_text
+    from mondrian_assets.run_outcome import run_job
 
     loc = _use_demo_if_unset(args)
-    status = _run_job("link_job", _instance(loc))
+    outcome = run_job("link_job", _instance(loc))
+    for error in outcome.errors:
+        print(f"linking failed: {error}", file=sys.stderr)
     if loc.manifest_path.exists():
         print(summary_text(json.loads(loc.manifest_path.read_text())))
-    return 0 if status == "ok" else 1
+    return 0 if outcome.status != "failed" else 1
 
 
 def _split_counts(loc: Locations, advisor: str) -> dict:
@@ -122,67 +103,82 @@ def _split_counts(loc: Locations, advisor: str) -> dict:
     return json.loads(meta_path.read_text()) if meta_path.exists() else {"counts": {}, "data_version": "-", "note": ""}
 
 
-def _trained_summary(loc: Locations, advisor: str) -> str:
-    """First vs best val loss, then base vs fine-tuned format compliance and score MAE (and the mean baseline)."""
-    parts = []
-    log_path = loc.models / "adapters" / advisor / "training_log.jsonl"
-    if log_path.exists():
-        val = [r["val_loss"] for r in map(json.loads, log_path.read_text().splitlines()) if "val_loss" in r]
-        parts.append(f"val loss {val[0]:.2f} -> {min(val):.2f}" if val else "no val loss")
-    report_path = loc.evaluation / advisor / "comparison_report.json"
-    if report_path.exists():
-        m = json.loads(report_path.read_text())["metrics"]
+def _failed_row(row: AdvisorRow, outcome: RunOutcome) -> AdvisorRow:
+    first_line = outcome.errors[0].splitlines()[0]
+    return replace(row, decision="failed", reason=f"{first_line} (full log: run {outcome.run_id[:8]} in ./dev ui)")
 
-        def num(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
 
-        base, tuned, mean = m["base_model"], m["fine_tuned_model"], m["mean_baseline"]
-        parts.append(f"valid JSON {num(base['format_compliance'])} -> {num(tuned['format_compliance'])}")
-        parts.append(f"score MAE {num(base['overall_score_mae'])} -> {num(tuned['overall_score_mae'])}"
-                     f" (mean baseline {num(mean['overall_score_mae'])})")  # fmt: skip
-    return "; ".join(parts) or "-"
+def _split_row(loc: Locations, instance, advisor: str) -> AdvisorRow:
+    """Split one advisor (this also prepares the base model's tokenizer, once, before any parallel training)."""
+    from mondrian_assets.run_outcome import run_job
+
+    split = run_job("split_job", instance, advisor)
+    counts = _split_counts(loc, advisor)["counts"]
+    row = AdvisorRow(advisor, counts.get("train", 0), counts.get("val", 0))
+    return _failed_row(row, split) if split.status == "failed" else row
+
+
+def _trained_row(row: AdvisorRow) -> AdvisorRow:
+    """Train and evaluate one split advisor (in a worker process); the row says what was decided and why."""
+    from mondrian_assets.run_outcome import run_job
+
+    loc = Locations.resolve()
+    decided_before = registry_commands.decision_count(loc, row.advisor)
+    outcome = run_job("train_job", _instance(loc), row.advisor)
+    if outcome.status == "ok" and not outcome.decisions:
+        row = replace(row, deploy=registry_commands.decision_since(loc, row.advisor, decided_before))
+    if decision := outcome.decisions.get("lora_adapter"):
+        return replace(row, decision=str(decision["decision"]), reason=str(decision["reason"]))
+    if "eval_report" in outcome.materialized:
+        report = json.loads((loc.evaluation / row.advisor / "comparison_report.json").read_text())
+        row = replace(row, **evaluated_cells(report))
+    if outcome.status == "failed":
+        return _failed_row(row, outcome)
+    if outcome.status == "gated":
+        reasons = "; ".join(f"{g.check}: {g.message}" if g.message else f"{g.check} failed" for g in outcome.failed_gates)
+        return replace(row, decision="not deployable", reason=reasons)
+    return replace(row, decision="deployable", reason="every gate passed")
+
+
+def _train_all(rows: list[AdvisorRow], parallel: int) -> list[AdvisorRow]:
+    """Train the split advisors, `parallel` at a time, the largest first. MLX trains on one CPU core here, so two
+    advisors at once use a two-core machine fully; each run is its own process against the same instance."""
+    todo = [r for r in rows if r.decision == "-"]
+    if parallel <= 1 or len(todo) <= 1:
+        done = {r.advisor: _trained_row(r) for r in todo}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        todo.sort(key=lambda r: -r.train)
+        with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = dict(zip((r.advisor for r in todo), pool.map(_trained_row, todo), strict=True))
+    return [done.get(r.advisor, r) for r in rows]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: demo data, link, split every advisor, then train, evaluate and deploy every advisor
-    that has a val set."""
+    """The README's main job: demo data, link, split every advisor, then train, evaluate and deploy; ends with
+    the table."""
     from mondrian_assets.core.data.linker import summary_text
     from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
+    from mondrian_assets.run_outcome import run_job
 
     loc = _use_demo_if_unset(args)
     instance = _instance(loc)
-    if _run_job("link_job", instance) != "ok":
+    link = run_job("link_job", instance)
+    if link.status == "failed":
+        print(f"linking failed: {link.errors[0]}", file=sys.stderr)
         return 1
     print(summary_text(json.loads(loc.manifest_path.read_text())))
     advisors = args.advisor or sorted(instance.get_dynamic_partitions(ADVISOR_PARTITIONS_NAME))
-    outcome: dict[str, str] = {}
-    deploy: dict[str, str] = {}
-    errors = 0
-    for advisor in advisors:
-        if _run_job("split_job", instance, advisor) != "ok":
-            errors += 1
-            outcome[advisor] = "split failed (see above)"
-        elif not (meta := _split_counts(loc, advisor))["counts"].get("val"):
-            outcome[advisor] = f"not trained: {meta['note']}"
-        elif args.skip_training:
-            outcome[advisor] = "not trained (--skip-training)"
-        else:
-            decided_before = registry_commands.decision_count(loc, advisor)
-            status = _run_job("train_job", instance, advisor)
-            errors += status == "failed"
-            notes = {"ok": "", "gated": "  [a gate failed: not deployable]", "failed": "  [failed: see above]"}
-            outcome[advisor] = _trained_summary(loc, advisor) + notes[status]
-            deploy[advisor] = registry_commands.decision_since(loc, advisor, decided_before) if status == "ok" else "not deployed"
-
-    print("\nadvisor      train   val  data version      base -> fine-tuned")
-    for advisor in advisors:
-        meta = _split_counts(loc, advisor)
-        counts = meta["counts"]
-        print(f"  {advisor:<10} {counts.get('train', 0):>5} {counts.get('val', 0):>5}  {meta['data_version']:<16}  {outcome[advisor]}")
-        if advisor in deploy:
-            print(f"  {'':<10} deploy: {deploy[advisor]}")
-    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (browse it with: ./dev ui)")
-    return 1 if errors else 0  # a gate verdict is a result, not an error
+    rows = [_split_row(loc, instance, advisor) for advisor in advisors]
+    if args.skip_training:
+        rows = [replace(r, decision="not trained", reason="--skip-training") if r.decision == "-" else r for r in rows]
+    else:
+        rows = _train_all(rows, args.parallel)
+    print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (full run logs: ./dev ui)\n")
+    print(render(rows))
+    return 1 if any(r.decision == "failed" for r in rows) else 0  # a gate verdict or a data decision is a result
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -272,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", parents=[common], help="generate the demo app (DB, images, analyses)")
-    p.add_argument("--jobs", type=int, default=120, help="number of jobs (default 120)")
+    p.add_argument("--jobs", type=int, help="number of jobs (default 190)")
     p.add_argument("--add", type=int, metavar="N", help="append N finished jobs (both app eras) to the existing demo app")
     p.add_argument("--advisor", action="append", help=f"with --add: these advisors in turn (repeatable; default: {', '.join(DEMO_ADD_ADVISORS)})")
     p.set_defaults(func=cmd_demo_data)
@@ -283,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="the main job: link, then every advisor's downstream assets")
     p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
     p.add_argument("--skip-training", action="store_true", help="stop after the splits")
+    p.add_argument("--parallel", type=int, default=2,
+                   help="advisors trained at once (default 2; each holds its own copy of the base model in memory)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", parents=[common], help="evaluate any adapter against any validation data")

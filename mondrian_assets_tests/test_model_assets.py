@@ -6,9 +6,12 @@ import shutil
 import dagster as dg
 import pytest
 
+from mondrian_assets.core.data.splits import split_files
+from mondrian_assets.core.training.readiness import MIN_TRAIN_EXAMPLES
 from mondrian_assets.core.training.worker import CRASH_AFTER_STEP_ENV
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MlxTrainer
+from mondrian_assets.run_outcome import read_outcome
 from helpers import materialize_partition, step_events
 
 def run(selection, advisor, mondrian_db, trainer, instance, run_config=None) -> dg.ExecuteInProcessResult:
@@ -41,12 +44,23 @@ def test_adapter_trains_writes_its_files_and_passes_its_checks(linked, locations
                       "trainable_parameters_as_configured": True}  # fmt: skip
 
 
-def test_tiny_advisor_training_is_refused_with_a_reason(linked, mondrian_db, trainer, instance):
-    assert run(["train_split", "val_split"], "okeefe", mondrian_db, trainer, instance).success
-    result = run(["lora_adapter"], "okeefe", mondrian_db, trainer, instance)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "no validation examples" in failure.event_specific_data.error.message
+@pytest.mark.parametrize("advisor", ["okeefe", "watkins"])
+def test_small_advisor_is_a_decision_not_a_failure(advisor, linked, locations, mondrian_db, trainer, instance):
+    """Too little data: no adapter, eval_report skipped (not failed), the decision recorded in the instance."""
+    assert run(["train_split", "val_split"], advisor, mondrian_db, trainer, instance).success
+    result = run(["lora_adapter", "eval_report"], advisor, mondrian_db, trainer, instance)
+    assert result.success
+    assert result.asset_materializations_for_node("lora_adapter") == []
+    skipped = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"}
+    assert skipped == {"eval_report"}
+    observed = instance.fetch_observations(dg.AssetKey("lora_adapter"), limit=10).records
+    [decision] = [r.asset_observation.metadata for r in observed if r.asset_observation.partition == advisor]
+    train_count = json.loads(split_files(locations.training_data, advisor).meta_json.read_text())["counts"]["train"]
+    assert decision["decision"].value == "not trained"
+    assert decision["examples_needed"].value == MIN_TRAIN_EXAMPLES - train_count > 0
+    assert f"needs {decision['examples_needed'].value} more training examples" in decision["reason"].value
+    outcome = read_outcome(instance, result.run_id)
+    assert outcome.status == "ok" and outcome.decisions["lora_adapter"]["decision"] == "not trained"
 
 
 def test_missing_base_model_is_a_clear_config_error(linked, mondrian_db, trainer, tmp_path, instance):
@@ -55,6 +69,9 @@ def test_missing_base_model_is_a_clear_config_error(linked, mondrian_db, trainer
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "nowhere" in failure.event_specific_data.error.message
+    # read back from the instance, a failure no gate explains is a real failure
+    outcome = read_outcome(instance, result.run_id)
+    assert outcome.status == "failed" and outcome.failed_gates == [] and "nowhere" in outcome.errors[0]
 
 
 def test_eval_report_materializes_even_when_a_gate_fails(linked, locations, mondrian_db, trainer, instance):
@@ -75,6 +92,12 @@ def test_eval_report_materializes_even_when_a_gate_fails(linked, locations, mond
     assert checks["format_compliance"] is False
     assert [g["passed"] for g in report["gates"] if g["name"] == "format_compliance"] == [False]
     assert result.success
+    # read back from the instance, a failed gate is a verdict, not an error
+    outcome = read_outcome(instance, result.run_id)
+    assert outcome.status == "gated" and outcome.errors == [] and "eval_report" in outcome.materialized
+    assert "format_compliance" in {g.check for g in outcome.failed_gates}
+    assert report["meaningful"] is False and "n=2<5" in report["meaningful_note"]
+    assert 'id="not-meaningful"' in (locations.evaluation / "weston" / "review.html").read_text()
     assert result.asset_materializations_for_node("eval_report")[0].metadata["report"].value == str(report_path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from mondrian_assets.core.evaluation.gates import GateThresholds
+from mondrian_assets.core.evaluation.report import meaningful
 from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 from mondrian_assets.core.registry.versions import adapter_content_hash
 from mondrian_assets.defs.config_fields import config_class, values_for
@@ -92,6 +93,7 @@ def eval_report(
             "verdict": outcome.verdict,
             "headline": _headline(metrics),
             "examples": outcome.examples,
+            "meaningful": meaningful(outcome.comparison),  # False below 5 examples: the numbers say nothing
             "base_format_compliance": base["format_compliance"],
             "fine_tuned_format_compliance": tuned["format_compliance"],
             "base_overall_score_mae": paired.mae_a,

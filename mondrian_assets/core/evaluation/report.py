@@ -90,6 +90,19 @@ def sample_results(
     return rows
 
 
+MIN_MEANINGFUL_EXAMPLES = 5  # below this a MAE or a correlation says nothing (-1.0 from two points)
+
+
+def meaningful(comparison: Comparison) -> bool:
+    """Whether the metrics rest on enough validation examples to mean anything."""
+    return comparison.fine_tuned.examples >= MIN_MEANINGFUL_EXAMPLES
+
+
+def _not_meaningful_note(comparison: Comparison) -> str:
+    n = comparison.fine_tuned.examples
+    return f"n={n}<{MIN_MEANINGFUL_EXAMPLES}: metrics on {n} examples are not meaningful; link more jobs."
+
+
 def build_report(
     *,
     comparison: Comparison,
@@ -112,6 +125,8 @@ def build_report(
         "validation_data": str(validation_data),
         "settings": settings or {},
         "metrics": rounded(comparison.as_dict()),
+        "meaningful": meaningful(comparison),
+        "meaningful_note": "" if meaningful(comparison) else _not_meaningful_note(comparison),
         "gates": [rounded(g.as_dict()) for g in gates],
         "rules": RULES,
         "verdict": verdict,
@@ -132,6 +147,7 @@ th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;text-align:left}
 .invalid-badge{color:#a11;font-weight:bold}
 .gate-pass{color:#126b12}.gate-fail{color:#a11;font-weight:bold}
 pre{white-space:pre-wrap;word-break:break-word;max-height:24em;overflow:auto;background:#f6f6f6;padding:4px}
+.not-meaningful{color:#a11;font-weight:bold}
 .verdict{font-size:1.1em;padding:0.5em;border-left:4px solid #888;background:#f4f4f4}
 """
 
@@ -288,13 +304,14 @@ def review_html(
         if chart_png
         else ""
     )
+    warning = "" if report["meaningful"] else f'<p class="not-meaningful" id="not-meaningful">{_e(report["meaningful_note"])}</p>'
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f"<style>{_CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1>"
         f"<p>Evaluated {_e(report['evaluation_date'])} on {_e(report['validation_data'])}, "
         f"{len(examples)} examples.</p>"
-        f'<p class="verdict" id="verdict">{_e(report["verdict"])}</p>'
+        f'<p class="verdict" id="verdict">{_e(report["verdict"])}</p>{warning}'
         f"{_gates_list(gates)}{_rules_list()}{_headline_table(comparison)}{chart}"
         f"<h2>Examples</h2>{_examples_table(examples, base, fine_tuned, out_dir)}"
         "</body></html>\n"

@@ -1,0 +1,117 @@
+"""Run a job in-process on the persistent instance and read what happened back from the instance.
+
+The outcome is read from the events the run stored (asset check evaluations, observations, step failures), never
+from error text: a blocking check that failed is a verdict ("gated"), an advisor with too little data is a decision
+(an observation), and only a step failure no failed gate accounts for is a real failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import dagster as dg
+from dagster._core.log_manager import LOG_RECORD_METADATA_ATTR
+
+from mondrian_assets.definitions import defs
+
+
+@dataclass(frozen=True)
+class FailedGate:
+    asset: str
+    check: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    failed_gates: list[FailedGate] = field(default_factory=list)
+    decisions: dict[str, dict[str, object]] = field(default_factory=dict)  # asset -> observed decision metadata
+    errors: list[str] = field(default_factory=list)  # step failures that no failed gate explains
+    materialized: set[str] = field(default_factory=set)  # assets this run materialized
+
+    @property
+    def status(self) -> str:
+        """ok, gated (a gate check failed: a verdict on a materialized asset) or failed (a real failure)."""
+        return "failed" if self.errors else "gated" if self.failed_gates else "ok"
+
+
+# Engine notes that only restate a decision already logged (no adapter: no adapter outputs).
+_ENGINE_NOTES = ("op 'lora_adapter' did not yield or return expected outputs",)
+
+
+class _ProgressOnly(logging.Filter):
+    """Keep what the assets log (progress, decisions); drop Dagster's own event records (and their tracebacks),
+    which stay in the instance for `dagster dev`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        meta = getattr(record, LOG_RECORD_METADATA_ATTR, None) or {}
+        if meta.get("dagster_event") is not None or str(meta.get("orig_message", "")).startswith(_ENGINE_NOTES):
+            return False
+        record.msg, record.args = meta.get("orig_message", record.getMessage()), ()
+        return True
+
+
+@dg.logger(description="Console lines for the command line: the assets' own messages, no event noise.")
+def progress_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    logger = logging.getLogger("mondrian_assets.progress")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.addFilter(_ProgressOnly())
+        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
+
+
+def run_job(name: str, instance: dg.DagsterInstance, partition_key: str | None = None) -> RunOutcome:
+    """Run `name` in-process with the progress logger on the console; the instance keeps every event."""
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    # An advisor with too little data yields no adapter and so no adapter checks: Dagster says so per check,
+    # though what they would gate is skipped anyway.
+    logging.getLogger("dagster._core.execution.plan.active").setLevel(logging.ERROR)
+    job = defs.resolve_job_def(name).with_logger_defs({"progress": progress_logger})
+    result = job.execute_in_process(
+        instance=instance, partition_key=partition_key, raise_on_error=False, run_config={"loggers": {"progress": {}}}
+    )
+    return read_outcome(instance, result.run_id)
+
+
+def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:
+    """What a finished run decided, from the events it stored in the instance."""
+    kinds = {
+        dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+        dg.DagsterEventType.ASSET_OBSERVATION,
+        dg.DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.ASSET_MATERIALIZATION,
+    }
+    gates, decisions, failures, materialized = [], {}, [], set()
+    for entry in instance.all_logs(run_id, of_type=kinds):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            check = event.asset_check_evaluation_data
+            if not check.passed:  # blocking or not (eval_report's gates inform deployed_version), a verdict
+                gates.append(FailedGate(check.asset_key.to_user_string(), check.check_name, _message(check.metadata)))
+        elif event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
+            observation = event.asset_observation_data.asset_observation
+            if "decision" in observation.metadata:
+                decisions[observation.asset_key.to_user_string()] = {k: v.value for k, v in observation.metadata.items()}
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            materialized.add(event.asset_key.to_user_string())
+        else:
+            error = event.step_failure_data.error
+            failures.append((event.step_key, error.message.strip() if error else "see the run log"))
+    gated_steps = {g.asset for g in gates}
+    errors = [f"{step}: {message}" for step, message in failures if step not in gated_steps]
+    return RunOutcome(run_id, gates, decisions, errors, materialized)
+
+
+def _message(metadata: dict) -> str:
+    value = metadata.get("message")
+    return str(value.value) if value is not None else ""
