@@ -40,7 +40,7 @@ TRUTH_NAME = "demo_truth.jsonl"
 DB_NAME = "mondrian.db"
 GENERATOR_TAG = "mondrian-assets demo-data v1"
 MIN_JOBS = 60  # below this the planted faults would crowd out the clean jobs
-DEFAULT_JOBS = 180  # ansel and weston then have 10+ validation images each
+DEFAULT_JOBS = 190  # ansel and weston then have 10+ validation images each
 
 SEVEN = DIMENSION_NAMES[:7]
 SIX = tuple(n for n in SEVEN if n != "Color Harmony")
