@@ -904,6 +904,8 @@ def _store(job: _Job, analysis: Analysis, raw: str, rng: np.random.Generator, le
         return _Stored(analysis_markdown=doc)
     if job.era == "new":
         return _Stored(analysis_markdown=doc, llm_outputs=newer)
+    if job.fault:  # the older app rendered HTML only from an output it could parse
+        return _Stored(analysis_markdown=doc)
     page = html_document(job.advisor, analysis)
     older = {adv: page for adv in job.advisor.split(",")} if rng.random() < 0.5 else {
         job.advisor: {"html": page, "mode_used": "base", "metadata": {}}
