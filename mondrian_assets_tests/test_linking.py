@@ -199,12 +199,13 @@ def test_incremental_link_equals_a_full_link_after_every_kind_of_change(location
     os.remove(records.loc[linked[3], "image_path"])
     Path(records.loc[linked[4], "image_path"]).write_bytes(b"not an image any more")
     # a linked job's analysis file is replaced by a broken one (a new inode, as an atomic save makes)
-    with_file = records[records["analysis_path"].notna()]
+    with_file = records[records["analysis_path"].notna()].drop(linked[:5], errors="ignore")  # not a job changed above
     victim = Path(with_file["analysis_path"].iloc[0])
     (victim.parent / "tmp.md").write_text("{ broken")
     os.replace(victim.parent / "tmp.md", victim)
     # an earlier job with the same picture as a linked one: it wins the deduplication in a full link
-    winner = records[records["image_path"].str.contains("/uploads/")].iloc[5]
+    untouched = records.drop([*linked[:5], with_file.index[0]], errors="ignore")
+    winner = untouched[untouched["image_path"].str.contains("/uploads/")].iloc[5]
     row = dict(db.execute("SELECT * FROM jobs WHERE id = ?", (winner.name,)).fetchone() and
                zip([c[0] for c in db.execute("SELECT * FROM jobs").description],
                    db.execute("SELECT * FROM jobs WHERE id = ?", (winner.name,)).fetchone()))  # fmt: skip
