@@ -12,7 +12,6 @@ usage rows match the requests sent; then the constrained / unconstrained decode 
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import sqlite3
 import statistics
@@ -26,6 +25,9 @@ from pathlib import Path
 
 import requests
 
+from mondrian_assets.core.registry import decisions
+from mondrian_assets.core.registry.versions import register_version
+from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.demo.app import generate_demo_app
 from mondrian_assets.demo.base_model import ensure_embedded_base_model
 
@@ -102,7 +104,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--mode", default="base", choices=["base", "fine_tuned"])
-    parser.add_argument("--adapter", type=Path, help="an adapter dir to serve as ansel-v1 (then --mode fine_tuned)")
+    parser.add_argument("--adapter", type=Path, help="an adapter dir to register and serve as ansel's active version "
+                        "(then --mode fine_tuned; --base-model must be the base it was trained on)")
     parser.add_argument("--base-model", type=Path, help="default: the embedded tiny model")
     args = parser.parse_args()
 
@@ -116,9 +119,11 @@ def main() -> None:
         servers = []
         for name, extra in (("constrained", ()), ("unconstrained", ("--unconstrained",))):
             home = root / name
-            if args.adapter:
-                shutil.copytree(args.adapter, home / "models" / "versions" / "ansel-v1")
-                (home / "models" / "ansel-active").symlink_to(Path("versions") / "ansel-v1")
+            if args.adapter:  # registered and made active through the registry, as a deploy would
+                engine = state_engine(home / "mondrian_assets.db")
+                version, _ = register_version(engine, home / "models", "ansel", args.adapter, report=None, metrics={},
+                                              gates_passed=True)  # fmt: skip
+                decisions.pin(engine, home / "models", "ansel", number=version.number, actor="bench")
             servers.append(start(name, home, demo.app_dir, base, args, *extra))
         try:
             first_ids = {}
@@ -147,6 +152,8 @@ def main() -> None:
                       f"p50 {statistics.median(server.latencies):.2f}s p95 {quantile(server.latencies, 0.95):.2f}s, "
                       f"decode {tps[server.name]:.0f} tokens/s ({tokens} tokens), valid JSON {valid}/{len(served)}, "
                       f"usage rows {len(rows)} {'==' if len(rows) == len(server.statuses) else '!='} requests sent")  # fmt: skip
+            if any(s != 200 for server in servers for s in server.statuses):
+                raise SystemExit("requests failed: see the errors above (the bench expects none)")
             if tps["unconstrained"]:
                 ratio = tps["constrained"] / tps["unconstrained"]
                 print(f"constrained / unconstrained decode tokens/s: {ratio:.2f} (the grammar costs {1 - ratio:.0%} of decode speed)")
