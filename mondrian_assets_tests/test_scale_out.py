@@ -105,6 +105,11 @@ def test_two_advisors_run_through_the_queue_on_postgres(postgres, pristine_demo,
     advisor_config = {"resources": {"mlx_trainer": {"config": trainer}}, **in_process,
                       "ops": {"eval_report": {"config": {"max_examples": 2, "max_tokens": 24, "batch_size": 2}}}}  # fmt: skip
 
+    # only the runs this test launches: the retrain sensor would otherwise retrain every advisor of a never-linked
+    # app on its first tick, racing the link below, and the nightly schedule could fire if CI runs at 02:00
+    for kind, name in (("sensor", "retrain_sensor"), ("schedule", "nightly_evaluation_schedule")):
+        subprocess.run([BIN / "dagster", kind, "stop", name, "-w", REPO / "workspace.yaml"], cwd=REPO, env=env,
+                       check=True, capture_output=True)  # fmt: skip
     with _env({k: env[k] for k in (*postgres, "DAGSTER_HOME")}):
         instance = dg.DagsterInstance.get()
         daemon = subprocess.Popen([BIN / "dagster-daemon", "run", "-w", REPO / "workspace.yaml"], cwd=REPO, env=env,
