@@ -187,3 +187,22 @@ def test_load_eval_examples_resolves_relative_images(tmp_path):
     assert loaded[0] == EvalExample("j1", tmp_path / "images/a.jpg", "p", "{}")
     assert loaded[1].image_path == Path("/abs/b.jpg") and loaded[1].example_id == "0001-b"
     assert len(inf.load_eval_examples(path, limit=1)) == 1
+
+
+def test_constrained_compliance_redecodes_only_what_the_grammar_would_change(base, examples):
+    """A canonical answer stands as it is (greedy under the mask gives the same text); a valid but spaced one and
+    the untrained base's own answer are decoded again under the mask, which ends each one valid or cut off."""
+    from mondrian_assets.core.evaluation.constrained_compliance import constrained_compliance
+
+    canonical = schema.canonical_json(schema.parse_analysis(analysis_json(7.0)).analysis)
+    own = inf.generate_analyses(base, examples[1:], max_tokens=MAX_TOKENS, warmup=False)
+    assert not schema.parse_analysis(own[0].text).ok  # the untrained base writes no analysis
+    cases = [*examples, examples[0]]
+    generations = [Generation(canonical, 0.1, 1, 1.0, 1, 1.0), own[0], Generation(analysis_json(7.0), 0.1, 1, 1.0, 1, 1.0)]
+    result = constrained_compliance(base, cases, generations, max_tokens=400, seed=0, timing_prompts=2, repeats=2,
+                                    tokens=6, log=lambda _: None)  # fmt: skip
+    assert (result.examples, result.valid_unconstrained, result.accepted_as_is, result.redecoded) == (3, 2, 1, 2)
+    assert result.valid_constrained + result.cut_off == 3  # the grammar's promise: valid unless out of tokens
+    assert result.valid_constrained >= 1  # the canonical one; the untrained model's re-decodes may run out of tokens
+    assert result.timing.pairs == 4 and result.decode_speed_ratio > 0
+    assert result.as_dict()["format_compliance_unconstrained"] == pytest.approx(2 / 3)

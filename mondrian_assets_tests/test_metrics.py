@@ -309,6 +309,7 @@ def test_verdict_says_plainly_when_the_image_is_ignored():
 def test_comparison_dict_has_the_plan_keys():
     c = comparison([VALID_8, TRUNCATED], [VALID_8, FENCED_6])
     d = c.as_dict()
-    assert set(d) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements", "paired", "inference_overhead"}
+    assert set(d) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements", "paired", "inference_overhead",
+                      "constrained_decoding"}
     assert {"format_compliance", "avg_score", "overall_score_mae", "latency_mean_s"} <= set(d["base_model"])
     json.dumps(d)  # JSON-ready

@@ -73,7 +73,7 @@ def test_report_json_has_the_plan_structure(evaluation):
     top |= {"sample_results"}
     assert top <= set(data)
     assert set(data["metrics"]) == {"base_model", "fine_tuned_model", "mean_baseline", "improvements", "paired",
-                                    "inference_overhead"}  # fmt: skip
+                                    "inference_overhead", "constrained_decoding"}  # fmt: skip
     paired = data["metrics"]["paired"]["fine_tuned_vs_base"]
     assert paired["examples"] == 3 and paired["invalid_error"] == 9.0
     assert "error of 9" in data["rules"]["score_comparison"] and "noise" in data["rules"]["inference_overhead"]
@@ -141,6 +141,23 @@ def test_review_html_structure_and_escaping(evaluation):
     assert not any(key.startswith("job-0/fine-tuned") for key, _ in parser.invalid_fields)
     assert "verdict" in page and "FAIL" in page  # the fine-tuned model misses the 95 % format gate
     assert "overall-score error of 9" in page  # the paired rule is stated where the numbers are
+
+
+def test_review_shows_compliance_with_and_without_the_grammar_mask(evaluation):
+    from dataclasses import replace
+
+    from mondrian_assets.core.evaluation.constrained_compliance import ConstrainedCompliance
+    from mondrian_assets.core.evaluation.overhead import OverheadMeasurement
+
+    examples, base, tuned, comparison, gates, out_dir = evaluation
+    timing = OverheadMeasurement(((1.0, 1.0), (1.0, 1.0)), ((1.25, 1.25), (1.25, 1.25)), 16)
+    constrained = ConstrainedCompliance(3, 2, 1, 2, 3, 0, timing)
+    paths = write((examples, base, tuned, replace(comparison, constrained=constrained), gates, out_dir))
+    page = paths.review_html.read_text()
+    assert "2/3 on its own" in page and "3/3 under the service's grammar mask" in page
+    assert "0.80x unconstrained" in page  # 25% more time per token = 0.8x the tokens/s
+    saved = json.loads(paths.report_json.read_text())["metrics"]["constrained_decoding"]
+    assert saved["format_compliance_constrained"] == 1.0 and saved["decode_speed_ratio"] == pytest.approx(0.8)
 
 
 def test_missing_image_is_reported_not_fatal(evaluation):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mondrian_assets.core import schema
-from mondrian_assets.core.serving.constrained import AnalysisConstraint
+from mondrian_assets.core.inference.constrained import AnalysisConstraint
 from mondrian_assets.core.serving.routing import Model, ServiceMode, arm_draw, job_key_for, route
 from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary, summary_text

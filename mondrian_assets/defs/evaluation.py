@@ -17,7 +17,8 @@ from mondrian_assets.defs.config_fields import config_class, values_for
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import MLX_POOL, MondrianDatabase
 
-CODE_VERSION = "2"  # bump when metrics, gates or how outputs are generated change; 2: paired gates, timed overhead
+CODE_VERSION = "3"  # bump when metrics, gates or how outputs are generated change; 2: paired gates, timed overhead;
+# 3: compliance under the grammar mask
 _EvalFields = config_class("_EvalFields", dg.Config, EvalSettings, GateThresholds)
 
 
@@ -85,6 +86,7 @@ def eval_report(
     metrics = outcome.comparison.as_dict()
     base, tuned = metrics["base_model"], metrics["fine_tuned_model"]
     paired, overhead = outcome.comparison.vs_base, metrics["inference_overhead"]
+    constrained = metrics["constrained_decoding"] or {}
     yield dg.Output(
         {"advisor": advisor, "report": str(outcome.paths.report_json), "review": str(outcome.paths.review_html),
          "adapter_dir": lora_adapter["adapter_dir"], "adapter_sha256": adapter_sha256, "data_version": val_split["data_version"],
@@ -96,6 +98,8 @@ def eval_report(
             "meaningful": meaningful(outcome.comparison),  # False below 5 examples: the numbers say nothing
             "base_format_compliance": base["format_compliance"],
             "fine_tuned_format_compliance": tuned["format_compliance"],
+            "fine_tuned_format_compliance_constrained": constrained.get("format_compliance_constrained"),
+            "constrained_decode_speed_ratio": constrained.get("decode_speed_ratio"),
             "base_overall_score_mae": paired.mae_a,
             "fine_tuned_overall_score_mae": paired.mae_b,
             "mean_baseline_overall_score_mae": outcome.comparison.vs_mean_baseline.mae_a,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from mondrian_assets.core import schema
+from mondrian_assets.core.evaluation.constrained_compliance import ConstrainedCompliance
 from mondrian_assets.core.evaluation.overhead import OverheadMeasurement
 from mondrian_assets.core.evaluation.paired import PairedComparison, overall_scores, paired_score_errors
 from mondrian_assets.core.inference.records import EvalExample, Generation, is_repetitive
@@ -279,7 +280,8 @@ def improvements(base: ModelMetrics, fine_tuned: ModelMetrics) -> dict:
 @dataclass(frozen=True)
 class Comparison:
     """Per-model metrics, plus the paired score comparisons the gates use: A is the base (or the training-mean
-    baseline), B the fine-tuned model. `overhead` is None when it was not measured."""
+    baseline), B the fine-tuned model. `overhead` and `constrained` (the fine-tuned model under the grammar
+    mask) are None when they were not measured."""
 
     base: ModelMetrics
     fine_tuned: ModelMetrics
@@ -288,6 +290,7 @@ class Comparison:
     vs_base: PairedComparison
     vs_mean_baseline: PairedComparison
     overhead: OverheadMeasurement | None = None
+    constrained: ConstrainedCompliance | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -298,6 +301,7 @@ class Comparison:
             "paired": {"fine_tuned_vs_base": self.vs_base.as_dict(),
                        "fine_tuned_vs_mean_baseline": self.vs_mean_baseline.as_dict()},
             "inference_overhead": self.overhead.as_dict() if self.overhead is not None else None,
+            "constrained_decoding": self.constrained.as_dict() if self.constrained is not None else None,
         }  # fmt: skip
 
 
@@ -307,6 +311,7 @@ def compare(
     fine_tuned: Sequence[Generation],
     train_references: Sequence[Analysis],
     overhead: OverheadMeasurement | None = None,
+    constrained: ConstrainedCompliance | None = None,
 ) -> Comparison:
     base_metrics, ft_metrics = model_metrics(examples, base), model_metrics(examples, fine_tuned)
     references = parse_references(examples)
@@ -319,4 +324,4 @@ def compare(
     deltas = improvements(base_metrics, ft_metrics)
     deltas["overall_score_mae_paired"] = vs_base.b_minus_a
     deltas["overall_score_mae_paired_vs_mean_baseline"] = vs_mean.b_minus_a
-    return Comparison(base_metrics, ft_metrics, baseline, deltas, vs_base, vs_mean, overhead)
+    return Comparison(base_metrics, ft_metrics, baseline, deltas, vs_base, vs_mean, overhead, constrained)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mondrian_assets.core.inference.records import EvalExample
 
@@ -62,7 +62,11 @@ class OverheadMeasurement:
         }
 
 
-def _timed_run(loaded: LoadedModel, example: EvalExample, tokens: int) -> float:
+def timed_run(
+    loaded: LoadedModel, example: EvalExample, tokens: int, processors: Sequence[Callable[[Any, Any], Any]] = ()
+) -> float:
+    """Seconds for one prefill plus exactly `tokens` decoded tokens (end-of-sequence masked); `processors` (e.g.
+    a grammar mask) run after that mask."""
     import mlx.core as mx
     from mlx_vlm import stream_generate
 
@@ -77,7 +81,7 @@ def _timed_run(loaded: LoadedModel, example: EvalExample, tokens: int) -> float:
     tic = time.perf_counter()
     stream = stream_generate(
         loaded.model, loaded.processor, formatted_prompt(loaded, example.prompt), image=[str(example.image_path)],
-        max_tokens=tokens, temperature=0.0, logits_processors=[never_stop],
+        max_tokens=tokens, temperature=0.0, logits_processors=[never_stop, *processors],
     )  # fmt: skip
     decoded = sum(1 for response in stream if response.token is not None)
     seconds = time.perf_counter() - tic
@@ -86,24 +90,36 @@ def _timed_run(loaded: LoadedModel, example: EvalExample, tokens: int) -> float:
     return seconds
 
 
+def interleaved_timings(
+    first: Callable[[EvalExample], float], second: Callable[[EvalExample], float],
+    examples: Sequence[EvalExample], *, repeats: int, tokens: int,
+) -> OverheadMeasurement:  # fmt: skip
+    """Time `first` and `second` (each a timed run of one prompt) on `examples`, `repeats` times, interleaved and
+    alternating which goes first; `second`'s cost relative to `first` is the measurement's overhead."""
+    if repeats < 2 or not examples:
+        raise ValueError("a paired timing needs at least one prompt and two repeats (to measure the noise)")
+    first_s, second_s = [], []
+    for repeat in range(repeats):
+        row_first, row_second = [], []
+        for example in examples:
+            if repeat % 2 == 0:
+                row_first.append(first(example))
+                row_second.append(second(example))
+            else:
+                row_second.append(second(example))
+                row_first.append(first(example))
+        first_s.append(tuple(row_first))
+        second_s.append(tuple(row_second))
+    return OverheadMeasurement(tuple(first_s), tuple(second_s), tokens)
+
+
 def measure_overhead(
     base: LoadedModel, tuned: LoadedModel, examples: Sequence[EvalExample], *, repeats: int, tokens: int
 ) -> OverheadMeasurement:
     """Time both models on `examples`' prompts, `repeats` times, interleaved; one untimed warm-up run each."""
-    if repeats < 2 or not examples:
-        raise ValueError("measuring the overhead needs at least one prompt and two repeats (to measure the noise)")
+    if not examples:
+        raise ValueError("measuring the overhead needs at least one prompt")
     for loaded in (base, tuned):
-        _timed_run(loaded, examples[0], min(tokens, 4))
-    base_s, tuned_s = [], []
-    for repeat in range(repeats):
-        row_base, row_tuned = [], []
-        for example in examples:
-            if repeat % 2 == 0:
-                row_base.append(_timed_run(base, example, tokens))
-                row_tuned.append(_timed_run(tuned, example, tokens))
-            else:
-                row_tuned.append(_timed_run(tuned, example, tokens))
-                row_base.append(_timed_run(base, example, tokens))
-        base_s.append(tuple(row_base))
-        tuned_s.append(tuple(row_tuned))
-    return OverheadMeasurement(tuple(base_s), tuple(tuned_s), tokens)
+        timed_run(loaded, examples[0], min(tokens, 4))
+    return interleaved_timings(lambda e: timed_run(base, e, tokens), lambda e: timed_run(tuned, e, tokens),
+                               examples, repeats=repeats, tokens=tokens)  # fmt: skip

@@ -191,6 +191,20 @@ def _headline_table(comparison: Comparison) -> str:
     return f'<table id="headline">{head}{"".join(rows)}</table>'
 
 
+def _constrained_note(comparison: Comparison) -> str:
+    c = comparison.constrained
+    if c is None:
+        return ""
+    speed = c.decode_speed_ratio
+    cost = (f"; decode tokens/s under the mask {speed:.2f}x unconstrained (timing noise {c.timing.noise:.0%})"
+            if speed is not None and c.timing is not None else "")  # fmt: skip
+    return (
+        f'<p id="constrained">Fine-tuned format compliance: {c.valid_unconstrained}/{c.examples} on its own (what '
+        f"the model learned, the gates use this), {c.valid_constrained}/{c.examples} under the service's grammar "
+        f"mask (what users get; {c.redecoded} decoded again, {c.cut_off} ran out of tokens){_e(cost)}.</p>"
+    )
+
+
 def _gates_list(gates: Sequence[GateResult]) -> str:
     items = [
         f'<li class="{"gate-pass" if g.passed else "gate-fail"}" data-gate="{_e(g.name)}">'
@@ -312,7 +326,7 @@ def review_html(
         f"<p>Evaluated {_e(report['evaluation_date'])} on {_e(report['validation_data'])}, "
         f"{len(examples)} examples.</p>"
         f'<p class="verdict" id="verdict">{_e(report["verdict"])}</p>{warning}'
-        f"{_gates_list(gates)}{_rules_list()}{_headline_table(comparison)}{chart}"
+        f"{_gates_list(gates)}{_rules_list()}{_headline_table(comparison)}{_constrained_note(comparison)}{chart}"
         f"<h2>Examples</h2>{_examples_table(examples, base, fine_tuned, out_dir)}"
         "</body></html>\n"
     )

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from mondrian_assets.core.base_model import resolve_base
 from mondrian_assets.core.evaluation.charts import comparison_chart_png
+from mondrian_assets.core.evaluation.constrained_compliance import constrained_compliance
 from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, evaluate_gates, verdict
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
 from mondrian_assets.core.evaluation.overhead import measure_overhead
@@ -94,10 +95,17 @@ def evaluate_adapter(
     del base
     gc.collect()
     tuned_generations = generate("fine-tuned", tuned)
+    # what the service gives users (it decodes under the grammar mask by default), beside what the model learned
+    constrained = constrained_compliance(
+        tuned, examples, tuned_generations, max_tokens=max_tokens, seed=settings.seed,
+        timing_prompts=settings.overhead_prompts, repeats=settings.overhead_repeats, tokens=settings.overhead_tokens,
+        log=log,
+    )  # fmt: skip
     del tuned
     gc.collect()
 
-    comparison = compare(examples, base_generations, tuned_generations, _train_references(train_json), overhead)
+    comparison = compare(examples, base_generations, tuned_generations, _train_references(train_json), overhead,
+                         constrained)  # fmt: skip
     gates = evaluate_gates(comparison, settings.thresholds)
     text = verdict(comparison, gates)
     chart = comparison_chart_png(comparison)

@@ -1,1 +1,1 @@
-"""The advisor service: routing, usage accounting, the worker pool, constrained decoding; the ASGI app thin."""
+"""The advisor service: routing, usage accounting, the worker pool; the ASGI app thin."""

@@ -60,7 +60,7 @@ class _Models:
         self._fused: OrderedDict[str, Any] = OrderedDict()
         self.constraint = None
         if spec.constrained:
-            from mondrian_assets.core.serving.constrained import AnalysisConstraint
+            from mondrian_assets.core.inference.constrained import AnalysisConstraint
 
             self.constraint = AnalysisConstraint.for_processor(self.base.processor)
 
@@ -91,7 +91,7 @@ class _Models:
         mask = None
         if job.constrained:
             if self.constraint is None:
-                from mondrian_assets.core.serving.constrained import AnalysisConstraint
+                from mondrian_assets.core.inference.constrained import AnalysisConstraint
 
                 self.constraint = AnalysisConstraint.for_processor(self.base.processor)
             mask = self.constraint.processor()
