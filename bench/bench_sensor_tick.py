@@ -52,7 +52,7 @@ def grow(app: Path, total: int) -> None:
     kinds = _templates(app)
     db = sqlite3.connect(app / "mondrian.db")
     columns = [r[1] for r in db.execute("PRAGMA table_info(jobs)")]
-    rows = {kind: [db.execute(f"SELECT * FROM jobs WHERE id = ?", (i,)).fetchone() for i in ids] for kind, ids in kinds.items()}
+    rows = {kind: [db.execute("SELECT * FROM jobs WHERE id = ?", (i,)).fetchone() for i in ids] for kind, ids in kinds.items()}
     have = db.execute("SELECT count(*) FROM jobs").fetchone()[0]
     clones = []
     for k in range(total - have):

@@ -206,6 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The advisor service on HTTP: the app's job service (or curl) posts images to /analyze."""
+    from mondrian_assets.core.base_model import BaseModelError
     from mondrian_assets.core.data.app_db import AppDatabaseError
     from mondrian_assets.core.serving.app import serve
     from mondrian_assets.core.serving.routing import ServiceMode
@@ -226,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         service = AdvisorService(config, loc)
-    except AppDatabaseError as exc:
+    except (AppDatabaseError, BaseModelError) as exc:
         print(exc, file=sys.stderr)
         return 2
     print(f"serving {base} in {args.mode} mode on http://{args.host}:{args.port} (state DB {loc.state_db})", flush=True)

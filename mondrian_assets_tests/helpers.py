@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -53,3 +54,22 @@ def materialize_partition(selection: list[str], advisor: str, resources: dict, i
 
 def step_events(result: dg.ExecuteInProcessResult, step: str) -> list[str]:
     return [e.event_type_value for e in result.all_events if e.step_key == step]
+
+
+def hub_cache_with(model_dir: Path, root: Path, monkeypatch, repo_id: str = "Org/Name") -> Path:
+    """A Hugging Face cache under `root` holding `model_dir` as `repo_id`'s only snapshot, with the hub offline;
+    returns the snapshot folder."""
+    import huggingface_hub.constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    cache = root / "hf" / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+    return snapshot

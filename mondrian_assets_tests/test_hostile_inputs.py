@@ -292,7 +292,7 @@ def test_duplicate_and_suffixed_job_ids(tmp_path):
 def test_unicode_file_names_link(app, tmp_path):
     names = ["F\u00eate \u00e0 Montr\u00e9al \U0001f305.jpg", "uploads/9b1d7c1e_\u65e5\u672c\u8a9e \u0627\u0644\u0635\u0648\u0631\u0629.jpg"]
     ids = [app.job(f"u{k}", filename=name) for k, name in enumerate(names)]
-    (app.root / "analysis_md" / f"analysis-ansel-\u00e9t\u00e9.md").write_text(json.dumps(analysis()))
+    (app.root / "analysis_md" / "analysis-ansel-\u00e9t\u00e9.md").write_text(json.dumps(analysis()))
     ids.append(app.job("\u00e9t\u00e9", text=False))  # the fallback file's name carries the unicode id
     assert app.link(tmp_path / "h") == dict.fromkeys(ids, "linked")
 

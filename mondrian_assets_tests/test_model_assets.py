@@ -1,7 +1,6 @@
 """lora_adapter and eval_report through Dagster, on the real embedded model with short real training runs."""
 
 import json
-import shutil
 
 import dagster as dg
 import pytest
@@ -12,7 +11,7 @@ from mondrian_assets.core.training.worker import CRASH_AFTER_STEP_ENV
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MlxTrainer
 from mondrian_assets.run_outcome import read_outcome
-from helpers import materialize_partition, step_events
+from helpers import hub_cache_with, materialize_partition, step_events
 
 def run(selection, advisor, mondrian_db, trainer, instance, run_config=None) -> dg.ExecuteInProcessResult:
     resources = {"mondrian_db": mondrian_db, "mlx_trainer": trainer}
@@ -111,18 +110,8 @@ def test_a_hub_id_from_the_local_cache_is_resolved_once_and_used_everywhere(
     linked, locations, mondrian_db, embedded_base, instance, tmp_path, monkeypatch
 ):
     """`base_model: Org/Name` as users write it, found in a Hugging Face cache with the network off."""
-    import huggingface_hub.constants
-
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    cache = tmp_path / "hf" / "hub"
-    snapshot = cache / "models--Org--Name" / "snapshots" / revision
-    shutil.copytree(embedded_base, snapshot)
-    (cache / "models--Org--Name" / "refs").mkdir()
-    (cache / "models--Org--Name" / "refs" / "main").write_text(revision)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+    snapshot = hub_cache_with(embedded_base, tmp_path, monkeypatch)
+    revision = snapshot.name
 
     trainer = MlxTrainer(base_model="Org/Name", iters=12, eval_interval=6, save_interval=6, warmup_steps=2)
     assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success

@@ -21,6 +21,7 @@ from mondrian_assets.core.serving.routing import Model, ServiceMode, arm_draw, j
 from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary, summary_text
 from mondrian_assets.core.state_db import state_engine
+from helpers import hub_cache_with
 
 # --- routing --------------------------------------------------------------------------------------------------
 
@@ -197,3 +198,15 @@ def test_serving_summary_counts_rows_per_advisor_model_and_arm(tmp_path: Path):
     assert summary.by_version == {("ansel", 2): 2}
     assert summary.by_advisor_model[("ansel", "-")].rejected == 1
     assert "fine_tuned" in summary_text(summary) and "ansel-v2: 2" in summary_text(summary)
+
+
+def test_a_version_trained_on_a_hub_id_matches_a_service_on_its_cached_folder(embedded_base, tmp_path, monkeypatch):
+    """Training records the resolved snapshot folder; a service started with the hub id (or the folder written
+    another way) runs the same base, and a different base is still told apart."""
+    from mondrian_assets.core.base_model import same_base
+
+    snapshot = hub_cache_with(embedded_base, tmp_path, monkeypatch)
+    assert same_base(str(snapshot), "Org/Name")
+    assert same_base(str(snapshot.parent / ".." / "snapshots" / snapshot.name), "Org/Name")
+    assert not same_base(str(snapshot), str(embedded_base))  # another folder, even with the same files
+    assert not same_base("Org/Name", "Org/Other") and same_base("Org/Other", "Org/Other")

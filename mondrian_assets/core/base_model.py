@@ -8,6 +8,7 @@ pipeline step and its retries; `hf download <id>` fetches it once.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +75,18 @@ def resolve_base(name: str | Path) -> ResolvedBase:
         raise BaseModelError(f"{config_file} is not valid JSON: {exc}") from exc
     quantization = config.get("quantization")  # MLX's own; other formats do not load in MLX
     return ResolvedBase(name, path.resolve(), revision, quantization if isinstance(quantization, dict) else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _folder(name: str) -> Path | None:
+    try:
+        return resolve_base(name).path
+    except BaseModelError:
+        return None
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two names are the same base model: one folder however it is written, a hub id and its cached
+    snapshot alike; names that resolve nowhere are compared as written."""
+    left, right = _folder(a), _folder(b)
+    return left == right if left is not None and right is not None else a == b

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
+from mondrian_assets.core.base_model import resolve_base, same_base
 from mondrian_assets.core.data.images import MAX_IMAGE_PIXELS
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.registry.versions import Version, active_version
@@ -87,21 +88,15 @@ class _Outcome:
         self.body = {"error": code, "message": message}
 
 
-def _same_model(a: str, b: str) -> bool:
-    """The same base model: the same folder (however the path is written), or the same hub id."""
-    left, right = Path(a).expanduser(), Path(b).expanduser()
-    if left.exists() and right.exists():
-        return left.resolve() == right.resolve()
-    return a == b
-
-
 class AdvisorService:
     def __init__(self, config: ServiceConfig, locations: Locations):
         self.config = config
         self.locations = locations
         self.engine = state_engine(locations.state_db)
         self.app_engine = app_db.read_only_engine(locations.db_path)
-        spec = WorkerSpec(config.base_model, config.dtype, config.fused_cache_size, config.constrained)
+        # workers load the resolved folder: a hub id is looked up in the local cache once, never downloaded
+        base_folder = str(resolve_base(config.base_model).path)
+        spec = WorkerSpec(base_folder, config.dtype, config.fused_cache_size, config.constrained)
         self.pool = WorkerPool(spec, size=config.workers, max_waiting=config.max_waiting,
                                job_timeout_s=config.job_timeout_s)  # fmt: skip
         self._scratch = tempfile.TemporaryDirectory(prefix="mondrian-serve-")
@@ -221,7 +216,7 @@ class AdvisorService:
                 if self.config.missing_version == "refuse":
                     return outcome.fail(409, "no_active_version", reason + " (deploy one, or ask for mode=base)")
                 row.note = "; ".join(filter(None, [row.note, reason + ": served the base model (missing_version=base)"]))
-            elif not _same_model(version.base_model, self.config.base_model):
+            elif not same_base(version.base_model, self.config.base_model):
                 return outcome.fail(500, "base_model_mismatch", f"{version.name} was trained on {version.base_model}; "
                                     f"this service runs {self.config.base_model}")  # fmt: skip
         model_used = Model.FINE_TUNED if version is not None else Model.BASE
