@@ -92,9 +92,7 @@ ASSETS = [linking.linked_records, splits.advisor_splits, training.lora_adapter, 
           nightly.active_version_evaluation]  # fmt: skip
 
 
-# Slow for now: after test_model_assets in the same session, its Dagster test instance's folder vanishes mid-test
-# ("unable to open database file"); it passes alone. Not understood yet: see the closing note.
-@pytest.mark.slow
+@pytest.mark.slow  # a training and two evaluations; `.ci/run` runs it with the other slow proofs
 def test_nightly_check_fails_loudly_on_a_planted_regression(pristine_demo, embedded_base, tmp_path, instance,
                                                             webhook, capsys):  # fmt: skip
     """weston trained briefly (12 steps: it has not learned the format), then registered as the active version
