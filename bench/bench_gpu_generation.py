@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+import gpu_runs  # noqa: E402 (found through the path above)
 
 PROMPT_TOKENS, NEW_TOKENS = 1536, 256
 VARIANTS = ("base", "lora-fused", "lora-unfused")
@@ -94,32 +94,13 @@ def child(args: argparse.Namespace) -> None:
         result = {"adapter": str(args.adapter_dir)}
     else:
         result = run_variant(args.child, args.model_dir, args.adapter_dir, args.work)
-    print("@@result " + json.dumps(result), flush=True)
+    print(gpu_runs.RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 def run_child(name: str, args: argparse.Namespace, timeout: float = 240) -> dict:
-    cmd = [
-        sys.executable, __file__, "--child", name, "--peers", str(args.peers), "--model-dir", str(args.model_dir),
-        "--adapter-dir", str(args.adapter_dir), "--work", str(args.work),
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": "ours", "variant": name, "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@result "):
-            return json.loads(line[len("@@result ") :])
-    return {"impl": "ours", "variant": name, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}"}
-
-
-def run_peer(peers: Path, timeout: float = 400) -> list[dict]:
-    try:
-        proc = subprocess.run([sys.executable, str(peers / "hf_decode.py")], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return [json.loads(l) for l in out.splitlines() if l.startswith("{")] + [{"impl": "hf", "error": "timeout"}]
-    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    return rows or [{"impl": "hf", "error": f"exit {proc.returncode}: {proc.stderr[-800:]}"}]
+    options = ["--peers", str(args.peers), "--model-dir", str(args.model_dir), "--adapter-dir", str(args.adapter_dir),
+               "--work", str(args.work)]  # fmt: skip
+    return gpu_runs.run_child(__file__, name, options, timeout)
 
 
 def summarize(ours: dict[str, dict], peer: list[dict]) -> None:
@@ -139,12 +120,7 @@ def summarize(ours: dict[str, dict], peer: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", type=Path, required=True, help="the folder of hf_decode.py and qwen3vl4b_config.py")
-    parser.add_argument("--model-dir", type=Path, help="the 4B-shaped checkpoint (built there if missing)")
-    parser.add_argument("--tokenizer-from", type=Path, help="a built embedded tiny model (default: build one)")
-    parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = gpu_runs.parser_for(__doc__, "hf_decode.py")
     parser.add_argument("--adapter-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,21 +128,16 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from bench_gpu_training import tokenizer_source
-    from gpu_shapes import build_checkpoint, peer_shapes
-
     args.work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     args.model_dir = (args.model_dir or args.work / "model").resolve()
     args.adapter_dir = args.work / "adapter"
-    tic = time.perf_counter()
-    build_checkpoint(args.model_dir, tokenizer_source(args.tokenizer_from), peer_shapes(args.peers))
-    print(f"checkpoint {args.model_dir} ready in {time.perf_counter() - tic:.1f} s", flush=True)
+    gpu_runs.prepare_checkpoint(args)
     print(json.dumps(run_child("make-adapter", args)), flush=True)
     ours = {}
     for name in VARIANTS:
         ours[name] = run_child(name, args)
         print(json.dumps(ours[name]), flush=True)
-    peer = [] if args.skip_peer else run_peer(args.peers)
+    peer = [] if args.skip_peer else gpu_runs.run_peer(args.peers / "hf_decode.py", "hf", 400)
     for row in peer:
         print(json.dumps(row), flush=True)
     summarize(ours, peer)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+import gpu_runs  # noqa: E402 (found through the path above)
 
 ANSWER_FRACTION = 0.35
 
@@ -185,33 +186,12 @@ def child_main(args: argparse.Namespace) -> None:
     variant = next(v for v in VARIANTS if v.name == args.child)
     if args.steps:
         variant = replace(variant, steps=args.steps, warmup=1)
-    print("@@result " + json.dumps(run_variant(variant, args.model_dir, args.peers)), flush=True)
+    print(gpu_runs.RESULT_PREFIX + json.dumps(run_variant(variant, args.model_dir, args.peers)), flush=True)
 
 
 def run_child(name: str, args: argparse.Namespace, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--model-dir", str(args.model_dir), "--peers", str(args.peers)]
-    cmd += ["--steps", str(args.steps)] if args.steps else []
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": "ours", "variant": name, "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@result "):
-            return json.loads(line[len("@@result ") :])
-    tail = (proc.stderr or proc.stdout)[-600:]
-    return {"impl": "ours", "variant": name, "error": f"exit {proc.returncode}: {tail}"}
-
-
-def run_peer(peers: Path, timeout: float) -> list[dict]:
-    try:
-        proc = subprocess.run([sys.executable, str(peers / "hf_peft.py")], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return [json.loads(l) for l in out.splitlines() if l.startswith("{")] + [{"impl": "hf-peft", "error": "timeout"}]
-    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    if not rows:
-        rows = [{"impl": "hf-peft", "error": f"exit {proc.returncode}: {proc.stderr[-600:]}"}]
-    return rows
+    options = ["--model-dir", str(args.model_dir), "--peers", str(args.peers)]
+    return gpu_runs.run_child(__file__, name, options + (["--steps", str(args.steps)] if args.steps else []), timeout)
 
 
 def summarize(ours: list[dict], peer: list[dict]) -> None:
@@ -233,42 +213,25 @@ def summarize(ours: list[dict], peer: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", type=Path, required=True, help="the folder of hf_peft.py and qwen3vl4b_config.py")
-    parser.add_argument("--model-dir", type=Path, help="the 4B-shaped checkpoint (built there if missing)")
-    parser.add_argument("--tokenizer-from", type=Path, help="a built embedded tiny model (default: build one)")
+    parser = gpu_runs.parser_for(__doc__, "hf_peft.py")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per variant")
     parser.add_argument("--steps", type=int, help="timed steps per variant, after one warm-up (a quick check)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.peers = args.peers.resolve()
     if args.child:
         return child_main(args)
 
-    from gpu_shapes import build_checkpoint, peer_shapes
-
     args.model_dir = (args.model_dir or Path(tempfile.mkdtemp(prefix="qwen3vl4b-")) / "model").resolve()
-    tic = time.perf_counter()
-    build_checkpoint(args.model_dir, tokenizer_source(args.tokenizer_from), peer_shapes(args.peers))
-    print(f"checkpoint {args.model_dir} ready in {time.perf_counter() - tic:.1f} s", flush=True)
+    gpu_runs.prepare_checkpoint(args)
     ours = []
     for name in args.only or [v.name for v in VARIANTS]:  # in the order asked
         ours.append(run_child(name, args, args.timeout))
         print(json.dumps(ours[-1]), flush=True)
-    peer = [] if args.skip_peer else run_peer(args.peers, 600)
+    peer = [] if args.skip_peer else gpu_runs.run_peer(args.peers / "hf_peft.py", "hf-peft", 600)
     for row in peer:
         print(json.dumps(row), flush=True)
     summarize(ours, peer)
-
-
-def tokenizer_source(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from mondrian_assets.demo.base_model import ensure_embedded_base_model
-
-    return ensure_embedded_base_model(Path(tempfile.mkdtemp(prefix="bench-models-")))
 
 
 if __name__ == "__main__":
