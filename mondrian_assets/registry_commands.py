@@ -63,8 +63,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in statuses:
         if s.pointer_repaired:
             print(f"repaired {loc.models / (s.advisor + '-active')} -> {s.pointer or '(removed)'} to match the registry")
+    missing = [s.active for s in statuses if s.active is not None and not (s.active.path / "adapters.safetensors").is_file()]
+    for version in missing:  # deleted by hand: the service cannot load it, the nightly re-check cannot run
+        print(f"{version.name} is active but its files are gone ({version.path}): roll back with "
+              f"`mondrian-assets rollback --advisor {version.advisor} --to N`, or retrain")  # fmt: skip
     _print_serving(engine)
-    return 0
+    return 1 if missing else 0
 
 
 def _print_serving(engine: sa.Engine) -> None:

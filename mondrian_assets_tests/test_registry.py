@@ -56,6 +56,19 @@ def test_first_version_is_promoted_as_an_immutable_copy_behind_the_pointer(reg):
     assert reg.evaluated == []  # nothing to compare against
 
 
+def test_a_moved_home_keeps_its_versions(reg, tmp_path):
+    """Rows name version folders relative to the home, so copying the home elsewhere keeps them loadable."""
+    reg.deploy(*reg.candidate(1, [0.5, 0.5, 0.5, 0.5]))
+    reg.engine.dispose()
+    moved = tmp_path / "moved-home"
+    shutil.copytree(tmp_path / "home", moved, symlinks=True)
+    shutil.rmtree(tmp_path / "home")
+    v1 = active_version(Registry(tmp_path, moved).engine, "weston")
+    assert v1.path == moved / "models" / "versions" / "weston-v1" and (v1.path / "adapters.safetensors").is_file()
+    assert Path(v1.eval_report) == v1.path / "comparison_report.json" and Path(v1.eval_report).is_file()
+    assert pointer_path(moved / "models", "weston").resolve() == v1.path.resolve()
+
+
 def test_a_failed_gate_is_rejected_with_its_reason_and_never_made_active(reg):
     adapter, report = reg.candidate(1, [0.5, 0.5, 0.5, 0.5], gates=[True, False, True])
     decision = reg.deploy(adapter, report)

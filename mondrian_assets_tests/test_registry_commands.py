@@ -1,6 +1,7 @@
 """`mondrian-assets status / versions / rollback / pin / unpin` as a user runs them, on a registry of real adapters."""
 
 import json
+import shutil
 
 import pytest
 
@@ -40,6 +41,14 @@ def test_status_and_versions(home):
     rows = [line.split()[:3] for line in listed.stdout.splitlines()[1:]]
     assert rows == [["1", "retired", "passed"], ["2", "active", "passed"], ["3", "rejected", "passed"],
                     ["4", "rejected", "failed"]]  # fmt: skip
+
+
+def test_status_fails_when_an_active_versions_files_were_deleted(home):
+    shutil.rmtree(home.models / "versions" / "ansel-v1")
+    result = cli(home.root / "home", "status")
+    assert result.returncode == 1
+    assert "ansel-v1 is active but its files are gone" in result.stdout and "rollback --advisor ansel" in result.stdout
+    assert "weston-v2 is active but" not in result.stdout
 
 
 def test_rollback_pin_unpin_from_the_command_line(home):

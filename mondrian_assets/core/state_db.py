@@ -69,7 +69,7 @@ model_versions_table = sa.Table(
     sa.Column("gates_passed", sa.Boolean, nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("pinned", sa.Boolean, nullable=False, default=False),
-    sa.Column("path", sa.Text, nullable=False),  # models/versions/<advisor>-v<N>, absolute
+    sa.Column("path", sa.Text, nullable=False),  # models/versions/<advisor>-v<N>, relative to the state DB's folder
     sa.Column("created_at", sa.Text, nullable=False),
     sa.Column("pruned_at", sa.Text),  # retention removed the files; the row stays as history
     sa.UniqueConstraint("advisor", "number"),

@@ -115,12 +115,22 @@ def adapter_content_hash(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _version(row: sa.Row) -> Version:
+def _home_of(conn: sa.Connection) -> Path:
+    """The state DB's folder (MONDRIAN_HOME): version paths are stored relative to it, so the home can move."""
+    return Path(conn.engine.url.database or ".").resolve().parent
+
+
+def _stored(path: Path, home: Path) -> str:
+    return str(path.relative_to(home)) if path.is_relative_to(home) else str(path)
+
+
+def _version(row: sa.Row, home: Path) -> Version:
     return Version(
         advisor=row.advisor, number=row.number, content_hash=row.content_hash, base_model=row.base_model,
         data_version=row.data_version, fingerprint=row.fingerprint, metrics=json.loads(row.metrics),
-        eval_report=row.eval_report, gates_passed=bool(row.gates_passed), status=row.status, pinned=bool(row.pinned),
-        path=Path(row.path), created_at=row.created_at, pruned_at=row.pruned_at,
+        eval_report=str(home / row.eval_report) if row.eval_report else None, gates_passed=bool(row.gates_passed),
+        status=row.status, pinned=bool(row.pinned), path=home / row.path, created_at=row.created_at,
+        pruned_at=row.pruned_at,
     )  # fmt: skip
 
 
@@ -136,7 +146,8 @@ _V = model_versions_table.c
 
 def _select(conn: sa.Connection, *where: sa.ColumnElement[bool]) -> list[Version]:
     rows = conn.execute(sa.select(model_versions_table).where(*where).order_by(_V.number)).all()
-    return [_version(r) for r in rows]
+    home = _home_of(conn)
+    return [_version(r, home) for r in rows]
 
 
 def _one(conn: sa.Connection, *where: sa.ColumnElement[bool]) -> Version | None:
@@ -284,7 +295,7 @@ def register_version(
         if adapter_content_hash(stage) != content_hash:
             shutil.rmtree(stage)
             raise RegistryError(f"{adapter_dir} changed while it was being copied; deploy again")
-        final = version_dir(models, advisor, number)
+        final, home = version_dir(models, advisor, number).resolve(), _home_of(conn)
         _remove_tree(final)  # a folder without a row: left by a writer that crashed before its commit
         os.replace(stage, final)
         step_done("version_dir_written")
@@ -292,8 +303,8 @@ def register_version(
             advisor=advisor, number=number, content_hash=content_hash,
             base_model=str(config.get("base_model", "")), data_version=str(config.get("data_version", "")),
             fingerprint=str(config.get("fingerprint", "")), metrics=json.dumps(metrics),
-            eval_report=str(final / REPORT_NAME) if report is not None else None, gates_passed=gates_passed,
-            status="candidate", pinned=False, path=str(final), created_at=now(),
+            eval_report=_stored(final / REPORT_NAME, home) if report is not None else None, gates_passed=gates_passed,
+            status="candidate", pinned=False, path=_stored(final, home), created_at=now(),
         ))  # fmt: skip
         version = version_in(conn, advisor, number)
     step_done("version_row_written")
