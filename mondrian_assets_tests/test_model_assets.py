@@ -6,8 +6,10 @@ import dagster as dg
 import pytest
 
 from mondrian_assets.core.data.splits import split_files
+from mondrian_assets.core.evaluation.run import evaluate_in_process
+from mondrian_assets.core.isolation import crash_once_at
+from mondrian_assets.core.training.loop import train_lora
 from mondrian_assets.core.training.readiness import MIN_TRAIN_EXAMPLES
-from mondrian_assets.core.training.worker import CRASH_AFTER_STEP_ENV
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MlxTrainer
 from mondrian_assets.run_outcome import read_outcome
@@ -148,7 +150,8 @@ def test_a_killed_trainer_is_retried_by_dagster_and_resumes_from_its_checkpoint(
     linked, locations, mondrian_db, trainer, instance, tmp_path, monkeypatch
 ):
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(CRASH_AFTER_STEP_ENV, f"8:{marker}")  # SIGKILL at step 8, after the checkpoint at 6
+    for name, value in crash_once_at(train_lora, 8, marker).items():  # SIGKILL at step 8, after the checkpoint at 6
+        monkeypatch.setenv(name, value)
     assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
     result = run(["lora_adapter"], "weston", mondrian_db, trainer, instance)
 
@@ -158,6 +161,45 @@ def test_a_killed_trainer_is_retried_by_dagster_and_resumes_from_its_checkpoint(
     assert result.success
     meta = result.asset_materializations_for_node("lora_adapter")[0].metadata
     assert meta["resumed_from_step"].value == 6 and meta["steps"].value == 12
+
+
+_TIMED = ("latency", "tokens_per_s", "s_per_token", "overhead", "evaluation_date", "duration")
+
+
+def _untimed(value):
+    """A report without what a clock measures (latencies, speeds, the overhead gate, the date): what must repeat."""
+    if isinstance(value, dict):
+        if value.get("name") == "inference_overhead":
+            return {"name": value["name"]}
+        return {k: _untimed(v) for k, v in value.items() if not any(t in k for t in _TIMED)}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def test_a_killed_evaluation_fails_its_step_naming_the_signal_and_the_retry_equals_an_uninterrupted_one(
+    linked, locations, mondrian_db, trainer, instance, tmp_path, monkeypatch
+):
+    assert run(["train_split", "val_split"], "weston", mondrian_db, trainer, instance).success
+    assert run(["lora_adapter"], "weston", mondrian_db, trainer, instance).success
+    config = {"ops": {"eval_report": {"config": {"max_examples": 2, "max_tokens": 24, "batch_size": 2,
+                                                  "overhead_repeats": 2}}}}  # fmt: skip
+    report_path = locations.evaluation / "weston" / "comparison_report.json"
+    assert run(["eval_report"], "weston", mondrian_db, trainer, instance, config).success
+    uninterrupted = json.loads(report_path.read_text())
+
+    marker = tmp_path / "killed-once"
+    for name, value in crash_once_at(evaluate_in_process, 3, marker).items():  # SIGKILL once the base has answered
+        monkeypatch.setenv(name, value)
+    result = run(["eval_report"], "weston", mondrian_db, trainer, instance, config)
+
+    assert marker.exists(), "the first attempt must have been killed"
+    [retry] = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert "evaluation process was killed by signal SIGKILL" in retry.event_specific_data.error.to_string()
+    assert "STEP_RESTARTED" in step_events(result, "eval_report") and result.success
+    retried = json.loads(report_path.read_text())
+    assert retried["evaluation_date"] != uninterrupted["evaluation_date"]  # written again, by the retry
+    assert _untimed(retried) == _untimed(uninterrupted)
 
 
 def test_a_failing_adapter_check_stops_evaluation_and_keeps_the_checkpoint(linked, locations, mondrian_db,

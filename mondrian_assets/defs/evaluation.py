@@ -67,8 +67,9 @@ def _headline(m: dict) -> dg.MetadataValue:
     return dg.MetadataValue.md("\n".join(lines))
 
 
+# MLX runs in a child process: a crash or kill fails the step with its signal, and the retry evaluates again.
 @dg.asset(partitions_def=advisor_partitions, group_name="model", kinds={"mlx"}, pool=MLX_POOL, check_specs=GATE_CHECKS,
-          code_version=CODE_VERSION)
+          code_version=CODE_VERSION, retry_policy=dg.RetryPolicy(max_retries=2, delay=2))
 def eval_report(
     context: dg.AssetExecutionContext, config: EvalRunConfig, mondrian_db: MondrianDatabase,
     lora_adapter: dict, train_split: dict, val_split: dict,
@@ -78,10 +79,13 @@ def eval_report(
     advisor = context.partition_key
     out_dir = mondrian_db.locations().evaluation / advisor
     adapter_sha256 = adapter_content_hash(Path(lora_adapter["adapter_dir"]))  # what is evaluated, for the registry
-    outcome = evaluate_adapter(
-        lora_adapter["base_model"], Path(lora_adapter["adapter_dir"]), Path(val_split["json"]),
-        Path(train_split["json"]), out_dir, config.settings(), log=context.log.info,
-    )  # fmt: skip
+    try:
+        outcome = evaluate_adapter(
+            lora_adapter["base_model"], Path(lora_adapter["adapter_dir"]), Path(val_split["json"]),
+            Path(train_split["json"]), out_dir, config.settings(), log=context.log.info,
+        )  # fmt: skip
+    except ValueError as exc:  # a setting or an input that cannot be evaluated: retrying would not help
+        raise dg.Failure(f"{advisor}: {exc}", allow_retries=False) from exc
     context.log.info(outcome.verdict)
     metrics = outcome.comparison.as_dict()
     base, tuned = metrics["base_model"], metrics["fine_tuned_model"]

@@ -13,8 +13,7 @@ from safetensors.numpy import load_file
 from mondrian_assets.core import atomic
 from mondrian_assets.core.base_model import BaseModelError
 from mondrian_assets.core.evaluation.charts import loss_curve_png
-from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
-from mondrian_assets.core.inference.loading import load_for_inference
+from mondrian_assets.core.inference.reload_check import reload_and_generate
 from mondrian_assets.core.training.checkpoints import discard_checkpoints
 from mondrian_assets.core.training.config import TrainConfig, TrainingConfigError, TrainResult, validate_config
 from mondrian_assets.core.training.isolation import run_training_subprocess
@@ -78,12 +77,7 @@ def _adapter_checks(result: TrainResult, config: TrainConfig, adapter_dir: Path,
                                         "expected_modules": expected_modules or -1, "parameters": total,
                                         "reported_trainable": result.trainable_params})  # fmt: skip
 
-    try:
-        loaded = load_for_inference(config.base_model, adapter_dir)
-        sample = generate_analyses(loaded, load_eval_examples(val_json, limit=1), max_tokens=smoke_tokens)[0]
-        passed, detail = bool(sample.text.strip()), sample.text[:200]
-    except Exception as exc:  # the check reports any load failure instead of crashing the step
-        passed, detail = False, f"{type(exc).__name__}: {exc}"
+    passed, detail = reload_and_generate(config.base_model, adapter_dir, val_json, smoke_tokens)  # in a child process
     yield dg.AssetCheckResult(check_name="reloads_and_generates", passed=passed, metadata={"sample": detail})
 
 

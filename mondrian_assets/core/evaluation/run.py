@@ -1,7 +1,8 @@
 """One evaluation, start to finish: base and fine-tuned on the same validation examples, metrics, gates, report.
 
 It takes paths, not assets, so any adapter version can be evaluated against any validation data version
-(the `eval_report` asset, the nightly re-check and the CLI all call `evaluate_adapter`).
+(the `eval_report` asset, the nightly re-check and the CLI all call `evaluate_adapter`). MLX runs in a child
+process (core/isolation.py), as training does: a crash there fails the evaluation, not the caller.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from mondrian_assets.core.atomic import WriteFailed
 from mondrian_assets.core.base_model import resolve_base
 from mondrian_assets.core.evaluation.charts import comparison_chart_png
 from mondrian_assets.core.evaluation.constrained_compliance import constrained_compliance
@@ -25,6 +27,7 @@ from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison
 from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples, max_tokens_for
 from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
 from mondrian_assets.core.inference.records import Generation
+from mondrian_assets.core.isolation import ChildProcessFailed, run_in_child
 from mondrian_assets.core.schema import Analysis, parse_analysis
 from mondrian_assets.core.settings import bound_violations
 
@@ -57,6 +60,10 @@ class EvalOutcome:
     max_tokens: int
 
 
+class EvaluationFailed(ChildProcessFailed):
+    """The evaluation's child process died (a crash, a signal) or failed with an unexpected error."""
+
+
 def _train_references(train_json: Path) -> list[Analysis]:
     parsed = (parse_analysis(row["response"]) for row in json.loads(train_json.read_text()))
     return [p.analysis for p in parsed if p.analysis is not None]
@@ -70,7 +77,29 @@ def evaluate_adapter(
     out_dir: Path,
     settings: EvalSettings = EvalSettings(),
     log: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
 ) -> EvalOutcome:
+    """`evaluate_in_process` in a child process; its log lines stream back to `log`. A bad setting or input
+    raises its ValueError here; a crash of the child raises EvaluationFailed with its exit code or signal."""
+    return run_in_child(
+        evaluate_in_process,
+        {"base_model": base_model, "adapter_dir": adapter_dir, "val_json": val_json, "train_json": train_json,
+         "out_dir": out_dir, "settings": settings},
+        what="evaluation", report_to="log", on_report=log, env=env, expected=(ValueError, WriteFailed),
+        failure=EvaluationFailed,
+    )  # fmt: skip
+
+
+def evaluate_in_process(
+    base_model: str,
+    adapter_dir: Path,
+    val_json: Path,
+    train_json: Path,
+    out_dir: Path,
+    settings: EvalSettings = EvalSettings(),
+    log: Callable[[str], None] = print,
+) -> EvalOutcome:
+    """Base and fine-tuned on the validation examples, in this process (MLX runs here): metrics, gates, report."""
     if problems := bound_violations(settings):
         raise ValueError("evaluation settings: " + "; ".join(problems))
     examples = load_eval_examples(val_json, limit=settings.max_examples)

@@ -4,7 +4,8 @@ its report JSON, never assumed), and the active version's outcomes on the same v
 The active version is evaluated with the evaluation's own pieces (`load_eval_examples`, `load_for_inference`,
 `generate_analyses`, the canonical parser) and the candidate's settings (examples, token budget, batch, seed), and
 cached in our state DB by (adapter content hash, validation file content, settings): a re-run with nothing new
-does not generate again. The nightly re-check can read and fill the same cache (`evaluate_version`).
+does not generate again. The nightly re-check can read and fill the same cache (`evaluate_version`). MLX runs in
+a child process (core/isolation.py), as in training and evaluation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from mondrian_assets.core.isolation import run_in_child
 from mondrian_assets.core.registry.versions import RegistryError, Version, now
 from mondrian_assets.core.schema import parse_analysis
 from mondrian_assets.core.state_db import version_evaluations_table
@@ -115,6 +117,20 @@ def _settings_key(version: Version, settings: dict) -> str:
     return json.dumps({"base_model": version.base_model, **keep}, sort_keys=True)
 
 
+def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path, settings: dict) -> list[ExampleOutcome]:
+    """An adapter's outcomes on the validation examples with the given generation settings (MLX runs here)."""
+    from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
+    from mondrian_assets.core.inference.loading import load_for_inference
+
+    examples = load_eval_examples(validation_data, limit=settings.get("max_examples"))
+    loaded = load_for_inference(base_model, adapter_dir)
+    generations = generate_analyses(
+        loaded, examples, max_tokens=settings["max_tokens"], seed=settings.get("seed", 0),
+        batch_size=settings.get("batch_size", 4),
+    )  # fmt: skip
+    return [outcome_of(e.example_id, e.reference, g.text) for e, g in zip(examples, generations, strict=True)]
+
+
 def evaluate_version(
     engine: sa.Engine, version: Version, validation_data: Path, settings: dict, log: Callable[[str], None] = print
 ) -> list[ExampleOutcome]:
@@ -130,19 +146,14 @@ def evaluate_version(
         log(f"{version.name}: outcomes on this validation data already known (cached)")
         return [ExampleOutcome(**row) for row in json.loads(cached)]
 
-    from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
-    from mondrian_assets.core.inference.loading import load_for_inference
-
-    examples = load_eval_examples(validation_data, limit=settings.get("max_examples"))
     if version.pruned_at is not None or not version.path.is_dir():
         raise RegistryError(f"{version.name}'s files are gone ({version.path}); it cannot be evaluated")
-    log(f"{version.name}: generating {len(examples)} analyses on the current validation data")
-    loaded = load_for_inference(version.base_model, version.path)
-    generations = generate_analyses(
-        loaded, examples, max_tokens=settings["max_tokens"], seed=settings.get("seed", 0),
-        batch_size=settings.get("batch_size", 4),
+    log(f"{version.name}: generating analyses on the current validation data")
+    outcomes = run_in_child(
+        generate_outcomes, {"base_model": version.base_model, "adapter_dir": version.path,
+                            "validation_data": validation_data, "settings": settings},
+        what=f"evaluation of {version.name}", expected=(ValueError,),
     )  # fmt: skip
-    outcomes = [outcome_of(e.example_id, e.reference, g.text) for e, g in zip(examples, generations, strict=True)]
     with engine.begin() as conn:
         conn.execute(
             sa.insert(version_evaluations_table).prefix_with("OR IGNORE").values(

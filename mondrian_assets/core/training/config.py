@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from mondrian_assets.core.base_model import BaseModelError, resolve_base
+from mondrian_assets.core.isolation import ChildProcessFailed
 from mondrian_assets.core.settings import bound_violations
 
 Report = dict[str, Any]
@@ -25,13 +26,8 @@ class TrainingConfigError(ValueError):
     """The config or the data cannot produce a meaningful training run; the message says which and why."""
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(ChildProcessFailed):
     """The training child process died (crash, signal, or an error it reported)."""
-
-    def __init__(self, message: str, *, returncode: int | None = None, stderr_tail: str = "") -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
 
 
 @dataclass(frozen=True)
