@@ -1,8 +1,9 @@
-"""kill -9 in the middle of linking, then a re-run: the result equals an uninterrupted run's and the manifest is
-never half written (the link cache is written in one transaction, the manifest by rename)."""
+"""kill -9 in the middle of linking or splitting, then a re-run: the result equals an uninterrupted run's and no
+output is ever half written (the link cache is written in one transaction, every file by rename)."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -59,3 +60,45 @@ def test_link_killed_mid_run_then_rerun_equals_an_uninterrupted_link(pristine_de
     with app_db.read_only_engine(loc.db_path).connect() as conn:
         again = linker.link(conn, loc, store)
     assert again.cache_misses == 0 and sorted(again.records["job_id"]) == [r["job_id"] for r in _records(clean)]
+
+
+SPLIT = """import pickle, sys
+from pathlib import Path
+from mondrian_assets.core.data import splits
+records, training_data = pickle.loads(Path(sys.argv[1]).read_bytes()), Path(sys.argv[2])
+print("splitting", flush=True)
+for advisor in sorted(set(records["advisor"])):
+    split = splits.split_advisor(advisor, records, "Critique this photograph.", splits.SplitConfig(),
+                                 training_data / "images")
+    splits.write_split(split, splits.SplitConfig(), training_data)
+"""
+
+
+def _split_files(training_data) -> dict[str, bytes]:
+    """Every output file but the scratch files a killed writer may leave (dot-named; nothing reads them), with
+    the folder's own path taken out so two runs in two folders compare."""
+    return {str(p.relative_to(training_data)): p.read_bytes().replace(str(training_data).encode(), b"<td>")
+            for p in sorted(training_data.rglob("*")) if p.is_file() and not p.name.startswith(".")}  # fmt: skip
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 1.5])
+def test_split_killed_mid_run_then_rerun_equals_an_uninterrupted_split(pristine_demo, tmp_path, delay_s):
+    loc = Locations.resolve(app_dir=str(pristine_demo.app_dir), home=str(tmp_path / "home"), environ={})
+    with app_db.read_only_engine(loc.db_path).connect() as conn:
+        records = linker.link(conn, loc).records
+    request = tmp_path / "records.pkl"
+    request.write_bytes(pickle.dumps(records))
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", SPLIT, str(request), str(clean)], check=True, capture_output=True)
+
+    child = subprocess.Popen([sys.executable, "-c", SPLIT, str(request), str(killed)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "splitting"
+    time.sleep(delay_s)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the split finished before the kill: nothing was tested"
+    interrupted, expected = (_split_files(killed) if killed.exists() else {}), _split_files(clean)
+    assert interrupted != expected
+    assert {name: expected[name] for name in interrupted} == interrupted  # what the kill left: whole files only
+
+    subprocess.run([sys.executable, "-c", SPLIT, str(request), str(killed)], check=True, capture_output=True)
+    assert _split_files(killed) == _split_files(clean)

@@ -1,10 +1,12 @@
 """The registry on a real SQLite state DB with real adapter folders and reports (see registry_helpers)."""
 
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -202,8 +204,10 @@ def test_status_repairs_a_pointer_that_disagrees_with_the_registry(reg):
 CRASH_POINTS = ["version_dir_written", "version_row_written", "decision_recorded", "pointer_staged",
                 "pointer_switched", "pruned_rows_written"]  # fmt: skip
 
-_CRASHING_DEPLOY = """
-import os, sys
+# Deploys `adapter` with `report`; killed by SIGKILL at the step boundary `point` ("-": never), or after waiting
+# for the file `go` to exist when one is named, so that several processes start their deploys at the same moment.
+_DEPLOY = """
+import os, signal, sys, time
 from pathlib import Path
 from mondrian_assets.core.registry import versions
 from mondrian_assets.core.registry.decisions import deploy_candidate
@@ -211,11 +215,14 @@ from mondrian_assets.core.registry.evidence import read_evidence
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets_tests.registry_helpers import own_report_outcomes
 
-state_db, models, adapter, report, point = sys.argv[1:]
-versions.crash_hook = lambda name: os._exit(77) if name == point else None
+state_db, models, adapter, report, point, go = sys.argv[1:]
+versions.crash_hook = lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == point else None
 evidence = read_evidence(Path(report), versions.adapter_content_hash(Path(adapter)))
-deploy_candidate(state_engine(Path(state_db)), Path(models), "weston", Path(adapter), evidence,
-                 evaluate=own_report_outcomes, actor="crashing")
+while go != "-" and not Path(go).exists():
+    time.sleep(0.001)
+decision = deploy_candidate(state_engine(Path(state_db)), Path(models), "weston", Path(adapter), evidence,
+                            evaluate=own_report_outcomes, actor=f"process {os.getpid()}")
+print(decision.action)
 """
 
 
@@ -224,9 +231,9 @@ def test_a_crash_between_any_two_steps_leaves_the_old_or_the_new_version(reg, po
     reg.deploy(*reg.candidate(1, [1.0] * 4))
     adapter, report = reg.candidate(2, [0.5] * 4)
     repo = Path(__file__).resolve().parent.parent
-    args = [str(reg.root / "home" / "mondrian_assets.db"), str(reg.models), str(adapter), str(report), point]
-    crashed = subprocess.run([sys.executable, "-c", _CRASHING_DEPLOY, *args], cwd=repo, capture_output=True, text=True)
-    assert crashed.returncode == 77, crashed.stderr[-2000:]  # killed at that very point, no cleanup ran
+    args = [str(reg.root / "home" / "mondrian_assets.db"), str(reg.models), str(adapter), str(report), point, "-"]
+    crashed = subprocess.run([sys.executable, "-c", _DEPLOY, *args], cwd=repo, capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]  # kill -9 at that very point
 
     active = active_version(reg.engine, "weston")
     assert active.number in (1, 2)
@@ -268,5 +275,29 @@ def test_concurrent_deploys_of_one_advisor_serialize(reg):
     history = deployments(reg.engine, "weston")
     assert sorted(d.to_version for d in history) == [1, 2]  # one decision per candidate, never doubled
     assert sorted(r.action for r in results).count("unchanged") == 2
+    assert active_version(reg.engine, "weston").content_hash == adapter_content_hash(other[0])  # the better one
+    assert reg.pointer() == f"versions/{active_version(reg.engine, 'weston').name}"
+
+
+def test_concurrent_deploys_of_one_advisor_from_separate_processes_serialize(reg):
+    """Two deploy decisions racing, as two Dagster run workers would: the registry's write lock is SQLite's, so
+    it holds across processes; no version number or decision is lost or doubled."""
+    same, other = reg.candidate(1, [1.0] * 4), reg.candidate(2, [0.5] * 4)
+    repo = Path(__file__).resolve().parent.parent
+    go = reg.root / "go"
+    db = str(reg.root / "home" / "mondrian_assets.db")
+    reg.rows(model_versions_table)  # the state DB and its tables exist before the race
+    racers = [subprocess.Popen([sys.executable, "-c", _DEPLOY, db, str(reg.models), str(a), str(r), "-", str(go)],
+                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for a, r in (same, other, same, other)]  # fmt: skip
+    time.sleep(3)  # every racer imported and waiting
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in racers]
+    assert [p.returncode for p in racers] == [0] * 4, [err[-2000:] for _, err in outputs]
+    actions = sorted(out.strip() for out, _ in outputs)
+    assert actions.count("unchanged") == 2 and len(actions) == 4
+    assert sorted(v.number for v in list_versions(reg.engine, "weston")) == [1, 2]  # no number given twice
+    assert sorted(d.to_version for d in deployments(reg.engine, "weston")) == [1, 2]  # one decision each
+    assert len({d.actor for d in deployments(reg.engine, "weston")}) == 2
     assert active_version(reg.engine, "weston").content_hash == adapter_content_hash(other[0])  # the better one
     assert reg.pointer() == f"versions/{active_version(reg.engine, 'weston').name}"

@@ -195,24 +195,35 @@ def project_instance():
         yield instance
 
 
-def test_two_requests_for_one_advisor_run_one_at_a_time(project_instance):
-    """Three queued retrains (two for ansel): the run queue starts ansel's first and weston's, and ansel's second
-    only once the first has ended."""
-    origin = RemoteJobOrigin(
-        RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mondrian_assets"), "__repository__"), "retrain_job"
-    )
+def test_sensor_schedule_and_manual_launch_for_one_advisor_run_one_at_a_time(project_instance):
+    """weston's retrain requested by the sensor, its nightly re-check by the schedule and a manual launch, all
+    queued at the same moment, with one manual run for ansel: the run queue starts ansel's run and one of weston's
+    at once, and each next weston run only once the one before has ended; none is lost, none runs twice."""
+
+    def origin(job: str) -> RemoteJobOrigin:
+        return RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mondrian_assets"), "__repository__"), job)
+
+    requests = [("retrain_job", {"dagster/sensor_name": "retrain_sensor", "dagster/run_key": "weston-batch-1"}),
+                ("nightly_evaluation_job", {"dagster/schedule_name": "nightly_evaluation_schedule"}),
+                ("retrain_job", {}),  # launched by hand in the UI
+                ("retrain_job", {"advisor": "ansel"})]  # fmt: skip
     runs = [
-        create_run_for_test(project_instance, job_name="retrain_job", status=DagsterRunStatus.QUEUED,
-                            tags={"dagster/partition": advisor}, remote_job_origin=origin)  # fmt: skip
-        for advisor in ("ansel", "ansel", "weston")
-    ]
+        create_run_for_test(project_instance, job_name=job, status=DagsterRunStatus.QUEUED, remote_job_origin=origin(job),
+                            tags={k: v for k, v in tags.items() if k != "advisor"} | {"dagster/partition": tags.get("advisor", "weston")})
+        for job, tags in requests
+    ]  # fmt: skip
+    weston, ansel = runs[:3], runs[3]
+    started: list[str] = []
     with WorkspaceProcessContext(project_instance, EmptyWorkspaceTarget()) as workspace:
-        list(QueuedRunCoordinatorDaemon(interval_seconds=1).run_iteration(workspace))
-        status = [project_instance.get_run_by_id(r.run_id).status for r in runs]
-        assert status == [DagsterRunStatus.STARTING, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING]
-        project_instance.report_run_failed(project_instance.get_run_by_id(runs[0].run_id))
-        list(QueuedRunCoordinatorDaemon(interval_seconds=1).run_iteration(workspace))
-        assert project_instance.get_run_by_id(runs[1].run_id).status == DagsterRunStatus.STARTING
+        for _ in range(len(weston)):
+            list(QueuedRunCoordinatorDaemon(interval_seconds=1).run_iteration(workspace))
+            status = {r.run_id: project_instance.get_run_by_id(r.run_id).status for r in runs}
+            running = [r.run_id for r in weston if status[r.run_id] == DagsterRunStatus.STARTING]
+            assert len(running) == 1, status  # one run of weston at a time, whoever asked
+            assert status[ansel.run_id] != DagsterRunStatus.QUEUED  # another advisor is not held back
+            started.append(running[0])
+            project_instance.report_run_failed(project_instance.get_run_by_id(running[0]))  # it ends; the next may start
+    assert sorted(started) == sorted(r.run_id for r in weston)  # every request ran, each once
 
 
 def test_one_mlx_step_per_machine(project_instance):

@@ -349,6 +349,52 @@ def test_a_killed_worker_fails_its_request_only_and_the_next_one_works(service):
     assert workers["restarts"] == 1 and pid not in workers["worker_pids"]
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/status").is_file() and "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_active_version(start_service):
+    victim = start_service("--mode", "fine_tuned", "--max-tokens", "64", "--max-waiting", "8")
+    first_new_id = max((r["id"] for r in victim.usage_rows()), default=0) + 1
+    workers = victim.health()["workers"]["worker_pids"]
+    with ThreadPoolExecutor(4) as pool:
+        posts = [pool.submit(victim.post, _jpeg(700 + i), advisor="ansel", job_id=f"kill-{i}") for i in range(8)]
+        deadline = time.monotonic() + 120
+        while not any(p.done() for p in posts):  # kill -9 while some answers are out and others running or queued
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait(timeout=30)
+        outcomes = [p.exception() or p.result() for p in posts]
+    answered = [o.json() for o in outcomes if isinstance(o, requests.Response)]
+    assert answered and len(answered) < len(posts), "the kill must come between two answers"
+    assert all(a["version"] == 1 for a in answered)
+    deadline = time.monotonic() + 60
+    while not all(_gone(pid) for pid in workers):  # its workers see the pipe close and exit: no orphaned model
+        assert time.monotonic() < deadline, "a worker outlived its killed service"
+        time.sleep(0.2)
+
+    with sqlite3.connect(victim.home / "mondrian_assets.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = [r for r in victim.usage_rows() if r["id"] >= first_new_id]
+    # every answer had its row before it was sent; a row is one INSERT: whole or absent, never half written
+    assert {a["usage_id"] for a in answered} <= {r["id"] for r in rows} and len(rows) <= len(posts)
+    for row in rows:
+        assert row["job_id"].startswith("kill-") and row["http_status"] == 200 and row["latency_s"] > 0
+        assert (row["model_used"], row["version"]) == ("fine_tuned", 1) and row["finish_reason"] is not None
+
+    restarted = start_service("--mode", "fine_tuned", "--max-tokens", "64")
+    assert restarted.health()["advisors"]["ansel"]["active_version"] == 1
+    before = answered[0]
+    again = restarted.post(_jpeg(700 + int(before["job_id"].split("-")[1])), advisor="ansel", job_id=before["job_id"])
+    assert again.status_code == 200 and again.json()["version"] == 1
+    assert again.json()["full_response"] == before["full_response"]  # the same version's same (greedy) answer
+
+
 # --- load and shutdown ----------------------------------------------------------------------------------------
 
 

@@ -117,12 +117,14 @@ def _settings_key(version: Version, settings: dict) -> str:
     return json.dumps({"base_model": version.base_model, **keep}, sort_keys=True)
 
 
-def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path, settings: dict) -> list[ExampleOutcome]:
+def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path, settings: dict, label: str,
+                      log: Callable[[str], None] = print) -> list[ExampleOutcome]:  # fmt: skip
     """An adapter's outcomes on the validation examples with the given generation settings (MLX runs here)."""
     from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
     from mondrian_assets.core.inference.loading import load_for_inference
 
     examples = load_eval_examples(validation_data, limit=settings.get("max_examples"))
+    log(f"{label}: generating {len(examples)} analyses on the current validation data")
     loaded = load_for_inference(base_model, adapter_dir)
     generations = generate_analyses(
         loaded, examples, max_tokens=settings["max_tokens"], seed=settings.get("seed", 0),
@@ -148,11 +150,10 @@ def evaluate_version(
 
     if version.pruned_at is not None or not version.path.is_dir():
         raise RegistryError(f"{version.name}'s files are gone ({version.path}); it cannot be evaluated")
-    log(f"{version.name}: generating analyses on the current validation data")
     outcomes = run_in_child(
         generate_outcomes, {"base_model": version.base_model, "adapter_dir": version.path,
-                            "validation_data": validation_data, "settings": settings},
-        what=f"evaluation of {version.name}", expected=(ValueError,),
+                            "validation_data": validation_data, "settings": settings, "label": version.name},
+        what=f"evaluation of {version.name}", report_to="log", on_report=log, expected=(ValueError,),
     )  # fmt: skip
     with engine.begin() as conn:
         conn.execute(
