@@ -10,11 +10,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from mondrian_assets.core.data import app_db, linker
 from mondrian_assets.core.data.job_changes import read_changed_jobs
+from mondrian_assets.core.data.link_cache import LinkStore
 from mondrian_assets.core.locations import Locations
+from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.defs import linking
 from mondrian_assets.defs.resources import MondrianDatabase
 
@@ -141,6 +144,46 @@ def test_writer_releasing_within_the_timeout_is_waited_for(app):
     threading.Timer(0.3, lambda: (writer.execute("COMMIT"), writer.close())).start()
     with app_db.read_only_engine(app.db, busy_timeout_s=10).connect() as conn:
         assert [j.status for j in read_jobs(conn)] == ["processing"]  # the committed state, whole
+
+
+def test_a_link_reads_one_committed_state_while_the_app_commits(app, tmp_path):
+    """The app commits in the middle of a link (WAL mode: its writes never wait for our reads): the link's
+    statements after that commit still see the state before it, so the result is a state the app really had."""
+    with sqlite3.connect(app.db) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    app.job("done-1")
+    app.job("running-2", status="processing")
+    (app.root / "source" / "late.jpg").write_bytes(jpeg(99))
+    loc = Locations.resolve(app_dir=str(app.root), home=str(tmp_path / "home"), environ={})
+    store = LinkStore(state_engine(loc.state_db))
+    engine = app_db.read_only_engine(loc.db_path)
+
+    def linked() -> list[str]:
+        with engine.connect() as conn:
+            return sorted(linker.link(conn, loc, store).records["job_id"])
+
+    assert linked() == ["done-1"]  # running-2 is held open: the next link reads it again
+    writer = sqlite3.connect(app.db, isolation_level=None, check_same_thread=False)
+    commits: list[str] = []
+
+    def app_commits_once(_conn, _cursor, statement, *_args) -> None:
+        if "rowid >" in statement and not commits:  # after the link's first read of new rows, before the rest
+            writer.execute("BEGIN")  # one transaction: job 2 finishes as job 3 arrives finished
+            writer.execute("UPDATE jobs SET status = 'done' WHERE id = 'running-2'")
+            writer.execute("INSERT INTO jobs (id, filename, advisor, status, llm_outputs) VALUES (?, ?, ?, ?, ?)",
+                           ("late-3", "late.jpg", "ansel", "done", json.dumps({"response": json.dumps(analysis())})))
+            writer.execute("COMMIT")
+            commits.append(statement)
+
+    sa.event.listen(engine, "after_cursor_execute", app_commits_once)
+    try:
+        assert linked() == ["done-1"]  # before the commit: neither job 2 finished nor job 3 (never one of them)
+    finally:
+        sa.event.remove(engine, "after_cursor_execute", app_commits_once)
+        writer.close()
+    assert commits, "the app's commit must have come in the middle of the link"
+    assert linked() == ["done-1", "late-3", "running-2"]  # the next link: the state after it, whole
 
 
 def test_missing_jobs_table_is_a_clear_error(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def read_only_engine(db_path: Path, *, busy_timeout_s: float = 10.0) -> sa.Engin
     """An engine that can only read: SQLite opens the file with mode=ro, so even a bug cannot write.
 
     The app may be writing concurrently (WAL or rollback journal); the busy timeout waits for its locks
-    instead of failing, and each of our reads is a short statement, so we never hold the DB for long.
+    instead of failing, and our reads are short (`snapshot`), so we never hold the DB for long.
     """
     if not db_path.is_file():
         raise AppDatabaseError(f"the app database {db_path} does not exist (set MONDRIAN_APP_DIR or MONDRIAN_DB)")
@@ -68,6 +70,18 @@ def read_only_engine(db_path: Path, *, busy_timeout_s: float = 10.0) -> sa.Engin
             raise AppDatabaseError(problem) from context.original_exception
 
     return engine
+
+
+@contextmanager
+def snapshot(conn: sa.Connection) -> Iterator[sa.Connection]:
+    """Every read inside sees one committed state of the app's DB, however many statements it takes and whatever
+    the app commits meanwhile: one read transaction. In WAL mode the app keeps writing; in rollback-journal
+    mode its next commit waits for the end of the block (on its own busy timeout), so keep the block to reads."""
+    conn.exec_driver_sql("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.rollback()  # nothing was written: ending the read transaction is all it does
 
 
 def _database_problem(message: str, db_path: Path, busy_timeout_s: float) -> str | None:

@@ -21,7 +21,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from mondrian_assets.core import atomic
-from mondrian_assets.core.data.app_db import JobRow
+from mondrian_assets.core.data.app_db import JobRow, snapshot
 from mondrian_assets.core.data.html_card import NOT_HTML, looks_like_html, recover_card
 from mondrian_assets.core.data.images import ImageFacts, inspect_image
 from mondrian_assets.core.data.job_changes import JobCursor, all_rowids, read_changed_jobs, read_jobs_by_rowid
@@ -509,16 +509,17 @@ def link(conn: sa.Connection, loc: Locations, store: LinkStore | None = None, *,
     `recover_html_cards`: read the older app's HTML cards (core/data/html_card.py) where no JSON analysis parses."""
     key = _state_key(loc, recover_html_cards)
     state = None if store is None or full else _load_state(store, key)
-    changes = read_changed_jobs(conn, state.cursor if state else None, check_deletions=state is not None)
-    rewrite = state is None or changes.reset
-    if rewrite:
-        state = LinkState.empty()
-    gone: set[int] = set()
-    if changes.deleted:
-        gone = (set(state.early_skips) | set(state.candidates["app_rowid"])) - all_rowids(conn)
-    stale, files_changed = state.stale_jobs()
-    rows = dict(changes.rows)
-    rows.update(read_jobs_by_rowid(conn, sorted(stale - rows.keys() - gone)))
+    with snapshot(conn):  # the app may be writing: every row read comes from one committed state
+        changes = read_changed_jobs(conn, state.cursor if state else None, check_deletions=state is not None)
+        rewrite = state is None or changes.reset
+        if rewrite:
+            state = LinkState.empty()
+        gone: set[int] = set()
+        if changes.deleted:
+            gone = (set(state.early_skips) | set(state.candidates["app_rowid"])) - all_rowids(conn)
+        stale, files_changed = state.stale_jobs()
+        rows = dict(changes.rows)
+        rows.update(read_jobs_by_rowid(conn, sorted(stale - rows.keys() - gone)))
 
     replaced = rows.keys() | gone
     state.forget(replaced)
