@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -184,6 +186,54 @@ def test_a_link_reads_one_committed_state_while_the_app_commits(app, tmp_path):
         writer.close()
     assert commits, "the app's commit must have come in the middle of the link"
     assert linked() == ["done-1", "late-3", "running-2"]  # the next link: the state after it, whole
+
+
+# The app at work: job i arrives (processing) as job i-1 finishes, one transaction each.
+_APP_AT_WORK = """import json, sqlite3, sys, time
+db, count, analysis = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30), int(sys.argv[2]), sys.argv[3]
+print("started", flush=True)
+for i in range(count + 1):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("UPDATE jobs SET status = 'done' WHERE id = ?", (f"job-{i - 1:04d}",))
+    if i < count:
+        db.execute("INSERT INTO jobs (id, filename, advisor, status, llm_outputs) VALUES (?, ?, 'ansel', 'processing', ?)",
+                   (f"job-{i:04d}", f"s{i}.jpg", analysis))
+    db.execute("COMMIT")
+    time.sleep(0.005)
+"""
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_links_while_the_app_works_each_see_a_prefix_of_its_history(app, tmp_path, journal):
+    """Incremental links, one after another while the app commits: each links exactly the jobs finished by
+    some commit (a prefix of the app's history, never a later job without an earlier one), never fewer than the
+    link before, and the last link, after the app stopped, all of them."""
+    with sqlite3.connect(app.db) as db:
+        db.execute(f"PRAGMA journal_mode={journal}")
+    db.close()
+    count = 150
+    for i in range(count):
+        (app.root / "source" / f"s{i}.jpg").write_bytes(jpeg(i))
+    loc = Locations.resolve(app_dir=str(app.root), home=str(tmp_path / "home"), environ={})
+    store = LinkStore(state_engine(loc.state_db))
+    engine = app_db.read_only_engine(loc.db_path)
+
+    def linked() -> list[str]:
+        with engine.connect() as conn:
+            return sorted(linker.link(conn, loc, store, workers=1).records["job_id"])
+
+    text = json.dumps({"response": json.dumps(analysis())})
+    writer = subprocess.Popen([sys.executable, "-c", _APP_AT_WORK, str(app.db), str(count), text],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert writer.stdout.readline().strip() == "started"
+    sizes = []
+    while writer.poll() is None:
+        ids = linked()
+        assert ids == [f"job-{i:04d}" for i in range(len(ids))]
+        sizes.append(len(ids))
+    assert writer.returncode == 0
+    assert sizes == sorted(sizes) and len(set(sizes)) >= 3, sizes  # several links saw the app mid-way
+    assert linked() == [f"job-{i:04d}" for i in range(count)]
 
 
 def test_missing_jobs_table_is_a_clear_error(tmp_path):
