@@ -45,15 +45,18 @@ def main(argv: list[str]) -> int:
     crash = _crash_point(function.__qualname__)
     sent = 0
 
-    def report(value: Any) -> None:
-        nonlocal sent
-        sent += 1
-        step = value.get("step", sent) if isinstance(value, dict) else sent
+    def die_at(step: int) -> None:
         if crash is not None and step >= crash[0] and not crash[1].exists():
             crash[1].write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup, no last words
+
+    def report(value: Any) -> None:
+        nonlocal sent
+        sent += 1
+        die_at(value.get("step", sent) if isinstance(value, dict) else sent)
         send({"type": "report", "report": value})
 
+    die_at(0)  # step 0: before the function starts
     kwargs = dict(request["kwargs"])
     if request["report_to"]:
         kwargs[request["report_to"]] = report

@@ -46,7 +46,8 @@ class ChildProcessFailed(RuntimeError):
 
 def crash_once_at(function: Callable[..., Any], step: int, marker: Path) -> dict[str, str]:
     """The environment that makes the first child running `function` die by SIGKILL at its report `step`
-    (the report's own "step", or its ordinal for reports without one); `marker` lets every later attempt live."""
+    (the report's own "step", or its ordinal for reports without one; 0: before the function starts); `marker`
+    lets every later attempt live."""
     return {CRASH_ENV: f"{function.__qualname__}:{step}:{marker}"}
 
 
