@@ -1,7 +1,7 @@
 """Enforcement hooks for tests, built on CPython's audit hooks: while armed, every network connection or name
 lookup that is not loopback is refused, and every file opened under the watched folders is recorded.
 
-Child Python processes (the training worker) arm the same hooks through `child_guard/sitecustomize.py` when
+Child Python processes (training, evaluation, the reload check) arm the same hooks through `child_guard/sitecustomize.py` when
 `GUARD_LOG` is in their environment; every event is appended to that log, so the test sees its children too.
 """
 
