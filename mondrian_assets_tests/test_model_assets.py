@@ -163,7 +163,7 @@ def test_a_killed_trainer_is_retried_by_dagster_and_resumes_from_its_checkpoint(
     assert meta["resumed_from_step"].value == 6 and meta["steps"].value == 12
 
 
-_TIMED = ("latency", "tokens_per_s", "s_per_token", "overhead", "evaluation_date", "duration")
+_TIMED = ("latency", "tokens_per_s", "s_per_token", "speed_ratio", "timing", "overhead", "evaluation_date", "duration")
 
 
 def _untimed(value):

@@ -200,18 +200,16 @@ def test_sensor_schedule_and_manual_launch_for_one_advisor_run_one_at_a_time(pro
     queued at the same moment, with one manual run for ansel: the run queue starts ansel's run and one of weston's
     at once, and each next weston run only once the one before has ended; none is lost, none runs twice."""
 
-    def origin(job: str) -> RemoteJobOrigin:
-        return RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mondrian_assets"), "__repository__"), job)
+    def queued(job: str, advisor: str, tags: dict[str, str]):
+        location = RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mondrian_assets"), "__repository__")
+        return create_run_for_test(project_instance, job_name=job, status=DagsterRunStatus.QUEUED,
+                                   remote_job_origin=RemoteJobOrigin(location, job),
+                                   tags={"dagster/partition": advisor, **tags})  # fmt: skip
 
-    requests = [("retrain_job", {"dagster/sensor_name": "retrain_sensor", "dagster/run_key": "weston-batch-1"}),
-                ("nightly_evaluation_job", {"dagster/schedule_name": "nightly_evaluation_schedule"}),
-                ("retrain_job", {}),  # launched by hand in the UI
-                ("retrain_job", {"advisor": "ansel"})]  # fmt: skip
-    runs = [
-        create_run_for_test(project_instance, job_name=job, status=DagsterRunStatus.QUEUED, remote_job_origin=origin(job),
-                            tags={k: v for k, v in tags.items() if k != "advisor"} | {"dagster/partition": tags.get("advisor", "weston")})
-        for job, tags in requests
-    ]  # fmt: skip
+    runs = [queued("retrain_job", "weston", {"dagster/sensor_name": "retrain_sensor", "dagster/run_key": "weston-1"}),
+            queued("nightly_evaluation_job", "weston", {"dagster/schedule_name": "nightly_evaluation_schedule"}),
+            queued("retrain_job", "weston", {}),  # launched by hand in the UI
+            queued("retrain_job", "ansel", {})]  # fmt: skip
     weston, ansel = runs[:3], runs[3]
     started: list[str] = []
     with WorkspaceProcessContext(project_instance, EmptyWorkspaceTarget()) as workspace:
