@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from mondrian_assets.core.data.app_db import JobRow
+from mondrian_assets.core.data.app_db import JobRow, snapshot
 from mondrian_assets.core.data.job_changes import JobCursor, read_changed_jobs, read_jobs_by_rowid
 from mondrian_assets.core.data.linker import ABSENT, ROW_SKIP_REASONS, LinkState, file_signature, screen, watched_paths
 from mondrian_assets.core.locations import Locations
@@ -119,7 +119,13 @@ def watch_signature(job: JobRow, loc: Locations) -> str:
 
 
 def look(conn: sa.Connection, loc: Locations, cursor: WatchCursor, policy: RetrainPolicy, now: float) -> Look:
-    """One look at the app since `cursor` (a first one starts from `WatchCursor.after` the last link)."""
+    """One look at the app since `cursor` (a first one starts from `WatchCursor.after` the last link), on one
+    committed state of its DB: the new rows and the re-checked waiting ones cannot disagree about a job."""
+    with snapshot(conn):
+        return _look(conn, loc, cursor, policy, now)
+
+
+def _look(conn: sa.Connection, loc: Locations, cursor: WatchCursor, policy: RetrainPolicy, now: float) -> Look:
     changes = read_changed_jobs(conn, cursor.jobs, limit=policy.rows_per_look)
     waiting = {} if changes.reset else dict(cursor.waiting)  # a replaced database: its rowids are other jobs
     found: list[tuple[str, str]] = []  # (advisor, job id), in row order
