@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", parents=[common], help="generate the demo app (DB, images, analyses)")
-    p.add_argument("--jobs", type=int, help="number of jobs (default 190)")
+    p.add_argument("--jobs", type=int, help="number of jobs (default 300)")
     p.add_argument("--add", type=int, metavar="N", help="append N finished jobs (both app eras) to the existing demo app")
     p.add_argument("--advisor", action="append", help=f"with --add: these advisors in turn (repeatable; default: {', '.join(DEMO_ADD_ADVISORS)})")
     p.set_defaults(func=cmd_demo_data)

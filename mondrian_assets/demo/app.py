@@ -40,7 +40,7 @@ TRUTH_NAME = "demo_truth.jsonl"
 DB_NAME = "mondrian.db"
 GENERATOR_TAG = "mondrian-assets demo-data v1"
 MIN_JOBS = 60  # below this the planted faults would crowd out the clean jobs
-DEFAULT_JOBS = 190  # ansel and weston then have 10+ validation images each
+DEFAULT_JOBS = 300  # ansel and weston then have 20+ validation images each (a ratio on 10 is mostly noise)
 
 SEVEN = DIMENSION_NAMES[:7]
 SIX = tuple(n for n in SEVEN if n != "Color Harmony")
@@ -565,9 +565,9 @@ def _uuid(rng: np.random.Generator) -> str:
 
 
 def _advisor_mix(n: int) -> list[str]:
-    """Completed single-advisor jobs: okeefe exactly 3 and watkins ~6% (small advisors, to show what little data
+    """Completed single-advisor jobs: okeefe exactly 3 and watkins ~4% (small advisors, to show what little data
     does), weston ~38% and ansel the rest (each enough for a validation set worth reading)."""
-    watkins, weston = round(n * 0.06), round(n * 0.38)
+    watkins, weston = round(n * 0.04), round(n * 0.38)
     return ["okeefe"] * 3 + ["watkins"] * watkins + ["weston"] * weston + ["ansel"] * (n - 3 - watkins - weston)
 
 

@@ -33,8 +33,8 @@ class TrainingFailed(ChildProcessFailed):
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a run, with its description and bounds (the `mlx_trainer` resource is generated from these).
-    The defaults are calibrated for the embedded tiny model on the demo's largest advisor (6 epochs of 67 examples:
-    ~2.5 minutes on 2 CPU cores, every val output parses); for a real 4B base lower learning_rate (~1e-4) and
+    The defaults are calibrated for the embedded tiny model on the demo's largest advisor (4 epochs of ~125
+    examples: ~3 CPU-minutes, every val output parses); for a real 4B base lower learning_rate (~1e-4) and
     expect far slower steps."""
 
     base_model: str = ""  # the base model's local folder (the resource resolves a hub id to it)
@@ -55,7 +55,7 @@ class TrainConfig:
     weight_decay: Annotated[float, Field(ge=0, description="AdamW weight decay.")] = 0.0
     warmup_steps: Annotated[int, Field(ge=0, description="Linear warm-up steps.")] = 10
     lr_schedule: Annotated[str, Field(description="cosine or constant (after warm-up).")] = "cosine"
-    epochs: Annotated[int, Field(ge=1, description="Passes over the training set (unless iters is set).")] = 6
+    epochs: Annotated[int, Field(ge=1, description="Passes over the training set (unless iters is set).")] = 4
     iters: Annotated[int | None, Field(ge=1, description="Optimizer steps; overrides epochs.")] = None
     batch_size: Annotated[int, Field(ge=1, description="Examples per micro-batch.")] = 1
     grad_accumulation: Annotated[int, Field(ge=1, description="Micro-batches per optimizer step.")] = 1
