@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Where training starts to be worth it on the embedded model. Provisional: with 73 training examples the largest
-# demo advisor writes valid JSON for every held-out photo and beats the mean baseline's MAE by 28%; smaller sizes
-# are not measured yet (`bench/bench_learning.py --train-sizes 20,30,40` measures them). Configurable per run
+# Where training starts to be worth it on the embedded model. Provisional: with ~125 training examples the largest
+# demo advisor writes valid JSON for every held-out photo and beats the mean baseline's MAE by 16-28%; smaller
+# sizes are not measured yet (`bench/bench_learning.py --train-sizes 20,30,40` measures them). Configurable per run
 # (`min_train_examples` in the lora_adapter config).
 MIN_TRAIN_EXAMPLES = 40
 
