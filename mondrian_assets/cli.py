@@ -141,8 +141,8 @@ def _trained_row(row: AdvisorRow) -> AdvisorRow:
 
 
 def _train_all(rows: list[AdvisorRow], parallel: int) -> list[AdvisorRow]:
-    """Train the split advisors, `parallel` at a time, the largest first. MLX trains on one CPU core here, so two
-    advisors at once use a two-core machine fully; each run is its own process against the same instance."""
+    """Run the split advisors' training jobs, `parallel` at a time, the largest first; each run is its own process
+    against the same instance, whose `mlx` pool decides how many MLX steps run at once (one by default)."""
     todo = [r for r in rows if r.decision == "-"]
     if parallel <= 1 or len(todo) <= 1:
         done = {r.advisor: _trained_row(r) for r in todo}
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
     p.add_argument("--skip-training", action="store_true", help="stop after the splits")
     p.add_argument("--parallel", type=int, default=2,
-                   help="advisors trained at once (default 2; each holds its own copy of the base model in memory)")
+                   help="advisor runs at once (default 2; each holds its own copy of the base model in memory); their "
+                   "MLX steps still share the instance's mlx pool, one slot by default")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", parents=[common], help="evaluate any adapter against any validation data")
