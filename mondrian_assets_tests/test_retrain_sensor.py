@@ -177,6 +177,16 @@ def test_no_app_database_yet_is_a_skip_not_an_error(tmp_path, instance):
     assert not result.run_requests and "no app database" in result.skip_reason.skip_message
 
 
+def test_an_app_never_linked_here_is_a_skip_until_its_first_link(locations, mondrian_db, instance):
+    """A fresh home (`./dev ui` before `./dev demo`): no retrain of every advisor unasked; after the first link the
+    next tick starts from it."""
+    result = tick(instance, mondrian_db, None)
+    assert not result.run_requests and "never linked" in result.skip_reason.skip_message and result.cursor is None
+    link_state(locations)
+    after = tick(instance, mondrian_db, None)
+    assert not after.run_requests and after.cursor is not None  # what the first link took is not new
+
+
 def test_retrain_job_links_then_runs_everything_after_for_one_advisor():
     job = defs.resolve_job_def("retrain_job")
     assets = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}

@@ -29,7 +29,11 @@ def retrain_sensor(
                                "MONDRIAN_DB, or run ./dev demo-data)", cursor=context.cursor)  # fmt: skip
     cursor = WatchCursor.decode(context.cursor)
     if cursor is None:  # the first tick starts where the last link ended: what it linked is not new
-        cursor = WatchCursor.after(last_link(LinkStore(mondrian_db.state_engine()), loc))
+        linked = last_link(LinkStore(mondrian_db.state_engine()), loc)
+        if linked is None:  # a fresh home: training every advisor unasked would hold the machine for hours
+            return dg.SensorResult(skip_reason="the app was never linked here: materialize linked_records (or run "
+                                   "./dev demo) first; from then on new analyses start retrains")  # fmt: skip
+        cursor = WatchCursor.after(linked)
     with mondrian_db.app_connection() as conn:
         seen = look(conn, loc, cursor, retrain_settings.policy(), time.time())
 
