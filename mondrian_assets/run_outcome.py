@@ -89,7 +89,7 @@ def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:
         dg.DagsterEventType.STEP_FAILURE,
         dg.DagsterEventType.ASSET_MATERIALIZATION,
     }
-    gates, decisions, failures, materialized = [], {}, [], set()
+    gates, decisions, failures, materialized, gated_steps = [], {}, [], set(), set()
     for entry in instance.all_logs(run_id, of_type=kinds):
         event = entry.dagster_event
         if event is None:
@@ -98,6 +98,7 @@ def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:
             check = event.asset_check_evaluation_data
             if not check.passed:  # blocking or not (eval_report's gates inform deployed_version), a verdict
                 gates.append(FailedGate(check.asset_key.to_user_string(), check.check_name, _message(check.metadata)))
+                gated_steps.add(event.step_key)  # the step that ran it: advisor_splits for train_split's checks
         elif event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
             observation = event.asset_observation_data.asset_observation
             if "decision" in observation.metadata:
@@ -107,7 +108,6 @@ def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:
         else:
             error = event.step_failure_data.error
             failures.append((event.step_key, error.message.strip() if error else "see the run log"))
-    gated_steps = {g.asset for g in gates}
     errors = [f"{step}: {message}" for step, message in failures if step not in gated_steps]
     return RunOutcome(run_id, gates, decisions, errors, materialized)
 

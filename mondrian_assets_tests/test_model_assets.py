@@ -215,6 +215,9 @@ def test_a_failing_adapter_check_stops_evaluation_and_keeps_the_checkpoint(linke
     assert "STEP_START" not in step_events(result, "eval_report")  # the blocking check stopped it
     assert not result.asset_materializations_for_node("eval_report")
     assert (locations.models / "adapters" / ".weston.checkpoints").is_dir()
+    outcome = read_outcome(instance, result.run_id)  # as the CLI reads it: a verdict, not a failure
+    assert outcome.status == "gated" and outcome.errors == []
+    assert "loss_went_down" in {g.check for g in outcome.failed_gates}
 
     again = run(["lora_adapter"], "weston", mondrian_db, frozen, instance)  # e.g. a retry: no second training
     assert again.asset_materializations_for_node("lora_adapter")[0].metadata["resumed_from_step"].value == 4

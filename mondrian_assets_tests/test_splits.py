@@ -13,6 +13,7 @@ from mondrian_assets.defs import linking
 from mondrian_assets.defs import splits as split_defs
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.demo.app import append_demo_jobs
+from mondrian_assets.run_outcome import read_outcome
 from helpers import materialize_partition, step_events
 
 ASSETS = [linking.linked_records, split_defs.advisor_splits]
@@ -173,6 +174,10 @@ def test_a_failing_split_check_stops_training(locations, mondrian_db, trainer, i
     assert checks["texts_non_trivial"] is False
     assert "STEP_START" not in step_events(result, "lora_adapter")
     assert not (locations.models / "adapters" / "weston").exists()
+    # read back from the instance as the CLI reads it: a verdict, though the checks ran in the advisor_splits step
+    outcome = read_outcome(instance, result.run_id)
+    assert outcome.status == "gated" and outcome.errors == []
+    assert {g.check for g in outcome.failed_gates} == {"texts_non_trivial"}
 
 
 def test_invalid_fraction_is_a_clear_error():
