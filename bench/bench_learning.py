@@ -3,7 +3,9 @@
 Per seed: `mondrian-assets demo --advisor <largest> --seed S` on a fresh home (demo data, link, split, base
 preparation, training, evaluation: what a user runs), then from its comparison report: base and fine-tuned format
 compliance, fine-tuned overall-score MAE and mean per-dimension MAE, the training-mean baseline's, the ratio
-fine-tuned / baseline, and whether every gate passed. Then the image-shuffle check: the same fine-tuned model on the
+fine-tuned / baseline, and whether every gate passed; `greedy` is the same ratio with score values decoded greedily
+instead of as the expected value of the model's belief (the default, `core/inference/score_decoding.py`).
+Then the image-shuffle check: the same fine-tuned model on the
 same validation prompts with the images permuted across examples. A model that reads the photo gets worse; one
 that reads the scores off the prompt text would not.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 from mondrian_assets.core.data.splits import split_files
 from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples, max_tokens_for
-from mondrian_assets.core.inference.loading import load_for_inference
+from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
 from mondrian_assets.core.inference.records import EvalExample
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.schema import parse_analysis
@@ -53,19 +55,21 @@ def largest_advisor(home: Path) -> str:
     return max(manifest["by_advisor"], key=lambda a: manifest["by_advisor"][a]["count"])
 
 
-def shuffled_mae(base_model: str, adapter: Path, val_json: Path, seed: int) -> float | None:
-    """Overall-score MAE of the fine-tuned model with the validation images permuted across examples."""
-    examples = load_eval_examples(val_json)
+def shuffled(examples: list[EvalExample], seed: int) -> list[EvalExample]:
+    """The same prompts and references with the images permuted across examples (none left in place)."""
     images = [e.image_path for e in examples]
     rng = random.Random(seed)
     while len(images) > 1 and images == [e.image_path for e in examples]:
         rng.shuffle(images)
-    shuffled = [EvalExample(e.example_id, image, e.prompt, e.reference) for e, image in zip(examples, images, strict=True)]
-    loaded = load_for_inference(base_model, adapter)
-    outputs = generate_analyses(loaded, shuffled, max_tokens=max_tokens_for(loaded, [e.reference for e in examples]),
-                                batch_size=4)  # fmt: skip
+    return [EvalExample(e.example_id, image, e.prompt, e.reference) for e, image in zip(examples, images, strict=True)]
+
+
+def overall_mae(loaded: LoadedModel, examples: list[EvalExample], *, expected_scores: bool = True) -> float | None:
+    """Overall-score MAE of the parsed outputs (invalid ones left out: this is a diagnostic, not the gate)."""
+    outputs = generate_analyses(loaded, examples, max_tokens=max_tokens_for(loaded, [e.reference for e in examples]),
+                                batch_size=4, expected_scores=expected_scores)  # fmt: skip
     errors = []
-    for example, output in zip(shuffled, outputs, strict=True):
+    for example, output in zip(examples, outputs, strict=True):
         got, want = parse_analysis(output.text).analysis, parse_analysis(example.reference).analysis
         if got is not None and want is not None:
             errors.append(abs(got.overall_score - want.overall_score))
@@ -89,26 +93,28 @@ def one_seed(root: Path, seed: int) -> dict:
     report = json.loads((loc.evaluation / advisor / "comparison_report.json").read_text())
     m = report["metrics"]
     base, tuned, mean = m["base_model"], m["fine_tuned_model"], m["mean_baseline"]
-    adapter = loc.models / "adapters" / advisor
-    shuffled = shuffled_mae(report["base_model"], adapter, split_files(loc.training_data, advisor).val_json, seed)
+    loaded = load_for_inference(report["base_model"], loc.models / "adapters" / advisor)
+    examples = load_eval_examples(split_files(loc.training_data, advisor).val_json)
     ratio = tuned["overall_score_mae"] / mean["overall_score_mae"] if tuned["overall_score_mae"] is not None else None
+    greedy = overall_mae(loaded, examples, expected_scores=False)
     return {
         "seed": seed, "advisor": advisor, "val": tuned["examples"],
         "base_compliance": base["format_compliance"], "tuned_compliance": tuned["format_compliance"],
         "tuned_mae": tuned["overall_score_mae"], "tuned_dim_mae": tuned["dimension_score_mae_mean"],
         "mean_mae": mean["overall_score_mae"], "mean_dim_mae": mean["dimension_score_mae_mean"], "ratio": ratio,
-        "shuffled_mae": shuffled, "gates": all(g["passed"] for g in report["gates"]),
+        "greedy_ratio": greedy / mean["overall_score_mae"] if greedy is not None else None,
+        "shuffled_mae": overall_mae(loaded, shuffled(examples, seed)), "gates": all(g["passed"] for g in report["gates"]),
         "wall_s": wall + train_wall, "cpu_s": cpu + train_cpu,
     }  # fmt: skip
 
 
 def print_seeds(rows: list[dict]) -> None:
     print(f"{'seed':>4} {'advisor':<8} {'val':>3}  {'base ok':>7} {'tuned ok':>8}  {'MAE':>5} {'dimMAE':>6}  "
-          f"{'mean':>5} {'dimMean':>7}  {'ratio':>5}  {'shuffled':>8}  gates  {'wall':>5} {'cpu':>5}")  # fmt: skip
+          f"{'mean':>5} {'dimMean':>7}  {'ratio':>5} {'greedy':>6}  {'shuffled':>8}  gates  {'wall':>5} {'cpu':>5}")  # fmt: skip
     for r in rows:
         print(f"{r['seed']:>4} {r['advisor']:<8} {r['val']:>3}  {_num(r['base_compliance'], '{:.0%}'):>7} "
               f"{_num(r['tuned_compliance'], '{:.0%}'):>8}  {_num(r['tuned_mae']):>5} {_num(r['tuned_dim_mae']):>6}  "
-              f"{_num(r['mean_mae']):>5} {_num(r['mean_dim_mae']):>7}  {_num(r['ratio']):>5}  "
+              f"{_num(r['mean_mae']):>5} {_num(r['mean_dim_mae']):>7}  {_num(r['ratio']):>5} {_num(r['greedy_ratio']):>6}  "
               f"{_num(r['shuffled_mae']):>8}  {'pass' if r['gates'] else 'FAIL':<5}  "
               f"{r['wall_s']:>4.0f}s {r['cpu_s']:>4.0f}s")  # fmt: skip
     held = [r for r in rows if r["tuned_compliance"] == 1.0 and r["ratio"] is not None and r["ratio"] <= 0.8 and r["gates"]]

@@ -7,10 +7,12 @@ DAGSTER_HOME (default <MONDRIAN_HOME>/.dagster), so `mondrian-assets ui` shows t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,9 +145,29 @@ def _trained_row(row: AdvisorRow) -> AdvisorRow:
     return replace(row, decision="deployable", reason="every gate passed")
 
 
+@contextlib.contextmanager
+def _demo_mlx_slots(instance, slots: int) -> Iterator[None]:
+    """Let `slots` MLX steps run at once while the demo trains, then give the pool back its default.
+
+    The pool's one slot protects a Mac from two 4B models in memory at once; the embedded model takes ~0.3 GB and
+    one CPU core per step, so on the demo it only makes the second advisor wait. A limit someone set (anything
+    but the default) is left alone."""
+    from mondrian_assets.defs.resources import MLX_POOL
+
+    storage = instance.event_log_storage
+    if slots <= 1 or not storage.get_concurrency_info(MLX_POOL).using_default_limit:
+        yield
+        return
+    storage.set_concurrency_slots(MLX_POOL, slots)
+    try:
+        yield
+    finally:
+        storage.delete_concurrency_limit(MLX_POOL)  # back to dagster.yaml's default
+
+
 def _train_all(rows: list[AdvisorRow], parallel: int) -> list[AdvisorRow]:
     """Run the split advisors' training jobs, `parallel` at a time, the largest first; each run is its own process
-    against the same instance, whose `mlx` pool decides how many MLX steps run at once (one by default)."""
+    against the same instance."""
     todo = [r for r in rows if r.decision == "-"]
     if parallel <= 1 or len(todo) <= 1:
         done = {r.advisor: _trained_row(r) for r in todo}
@@ -178,7 +200,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.skip_training:
         rows = [replace(r, decision="not trained", reason="--skip-training") if r.decision == "-" else r for r in rows]
     else:
-        rows = _train_all(rows, args.parallel)
+        with _demo_mlx_slots(instance, min(args.parallel, os.cpu_count() or 1)):
+            rows = _train_all(rows, args.parallel)
     print(f"\nDagster home: {os.environ['DAGSTER_HOME']}  (full run logs: ./dev ui)\n")
     print(render(rows))
     return 1 if any(r.decision == "failed" for r in rows) else 0  # a gate verdict or a data decision is a result
@@ -284,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advisor", action="append", help="only this advisor (repeatable); default: all")
     p.add_argument("--skip-training", action="store_true", help="stop after the splits")
     p.add_argument("--parallel", type=int, default=2,
-                   help="advisor runs at once (default 2; each holds its own copy of the base model in memory); their "
-                   "MLX steps still share the instance's mlx pool, one slot by default")  # fmt: skip
+                   help="advisor runs at once (default 2, at most one per CPU core; each holds its own copy of the base "
+                   "model in memory); while the demo trains, the instance's mlx pool gets as many slots, unless "
+                   "someone set its limit")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("evaluate", parents=[common], help="evaluate any adapter against any validation data")

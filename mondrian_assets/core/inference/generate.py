@@ -4,7 +4,8 @@
   mlx-vlm's chat template.
 - The adapter is verified (every saved tensor must land on a model parameter, so a mismatched adapter cannot
   silently leave the base model in place) and then fused into the weights: unfused LoRA decodes far slower.
-- Decoding is greedy by default and seeded; a loop guard stops an output once its tail repeats
+- Decoding is greedy by default and seeded, except score values: with `expected_scores` (the default) each is the
+  score token nearest the expected value of the model's belief (`score_decoding`). A loop guard stops an output once its tail repeats
   (`records.TOKEN_LOOP_RULE`), so a looping model costs seconds, not `max_tokens`.
 - `batch_size > 1` uses mlx-vlm's `batch_generate` (same greedy tokens as one-by-one on Qwen3-VL, see
   bench/bench_batched_generation.py); latency per example is then the batch's wall time.
@@ -28,6 +29,7 @@ from mlx.utils import tree_flatten
 from mondrian_assets.core import schema
 from mondrian_assets.core.inference.loading import LoadedModel
 from mondrian_assets.core.inference.records import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule, ends_in_loop
+from mondrian_assets.core.inference.score_decoding import ExpectedScore
 
 # --- examples ------------------------------------------------------------------------------------------------
 
@@ -137,11 +139,12 @@ class LoopGuard:
 
 
 def _one(
-    loaded: LoadedModel, example: EvalExample, max_tokens: int, temperature: float, seed: int, rule: LoopRule
-) -> Generation:
+    loaded: LoadedModel, example: EvalExample, max_tokens: int, temperature: float, seed: int, rule: LoopRule,
+    expected_scores: bool,
+) -> Generation:  # fmt: skip
     return generate_one(
         loaded, example.image_path, example.prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-        loop_rule=rule,
+        loop_rule=rule, expected_scores=expected_scores,
     )  # fmt: skip
 
 
@@ -155,11 +158,14 @@ def generate_one(
     seed: int = 0,
     loop_rule: LoopRule = TOKEN_LOOP_RULE,
     logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+    expected_scores: bool = True,
 ) -> Generation:
     """One analysis for one image, with the loop guard; `logits_processors` (e.g. serving's grammar mask) see
-    every step's logits."""
+    every step's logits, before score values are chosen."""
     from mlx_vlm import stream_generate
 
+    if expected_scores:
+        logits_processors = [*logits_processors, ExpectedScore(loaded.tokenizer)]
     mx.random.seed(seed)
     _reset_stopping(loaded)
     tokens: list[int] = []
@@ -207,8 +213,9 @@ def _prompt_token_count(loaded: LoadedModel, example: EvalExample) -> int:
 
 
 def _batch(
-    loaded: LoadedModel, examples: Sequence[EvalExample], max_tokens: int, temperature: float, seed: int, rule: LoopRule
-) -> list[Generation]:
+    loaded: LoadedModel, examples: Sequence[EvalExample], max_tokens: int, temperature: float, seed: int,
+    rule: LoopRule, expected_scores: bool,
+) -> list[Generation]:  # fmt: skip
     from mlx_vlm import batch_generate
     from mlx_vlm.sample_utils import make_sampler
 
@@ -223,7 +230,7 @@ def _batch(
         images=[str(e.image_path) for e in examples],
         prompts=[e.prompt for e in examples],  # batch_generate applies the chat template itself
         max_tokens=max_tokens,
-        logits_processors=[[g] for g in guards],
+        logits_processors=[[g, ExpectedScore(loaded.tokenizer)] if expected_scores else [g] for g in guards],
         **kwargs,
     )
     latency = time.perf_counter() - tic
@@ -266,6 +273,7 @@ def run_settings(
     batch_size: int,
     temperature: float = 0.0,
     loop_rule: LoopRule = TOKEN_LOOP_RULE,
+    expected_scores: bool = True,
 ) -> dict:
     """What a rerun needs to reproduce `generate_analyses`: decoding settings, dtype, device and versions."""
     import importlib.metadata as metadata
@@ -273,6 +281,7 @@ def run_settings(
     first = next(v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     return {
         "decoding": "greedy" if temperature == 0 else f"sampled at temperature {temperature}",
+        "score_values": "expected value of the model's belief" if expected_scores else "as decoded",
         "max_tokens": max_tokens,
         "seed": seed,
         "batch_size": batch_size,
@@ -296,6 +305,7 @@ def generate_analyses(
     loop_rule: LoopRule = TOKEN_LOOP_RULE,
     warmup: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    expected_scores: bool = True,
 ) -> list[Generation]:
     """One `Generation` per example, in order. `batch_size > 1` batches with mlx-vlm's batch_generate when
     its prompt formatting matches training's; otherwise (or with batch_size 1) examples run one by one.
@@ -304,16 +314,16 @@ def generate_analyses(
     if not examples:
         return []
     if warmup:
-        _one(loaded, examples[0], min(8, max_tokens), temperature, seed, loop_rule)
+        _one(loaded, examples[0], min(8, max_tokens), temperature, seed, loop_rule, expected_scores)
     batched = batch_size > 1 and all(_batch_prompt_matches(loaded, p) for p in {e.prompt for e in examples})
     step = batch_size if batched else 1
     out: list[Generation] = []
     for start in range(0, len(examples), step):
         chunk = examples[start : start + step]
         if batched:
-            out.extend(_batch(loaded, chunk, max_tokens, temperature, seed, loop_rule))
+            out.extend(_batch(loaded, chunk, max_tokens, temperature, seed, loop_rule, expected_scores))
         else:
-            out.append(_one(loaded, chunk[0], max_tokens, temperature, seed, loop_rule))
+            out.append(_one(loaded, chunk[0], max_tokens, temperature, seed, loop_rule, expected_scores))
         if progress is not None:
             progress(len(out), len(examples))
     return out
