@@ -44,7 +44,8 @@ def _chosen(tokenizer, logits: mx.array) -> str:
 def test_a_score_is_the_value_nearest_the_models_expectation(tokenizer):
     vocab = len(tokenizer.get_vocab())
     split_belief = _belief(tokenizer, vocab, {"6": 0.4, "9": 0.35, "3": 0.25})  # greedy says 6, expectation 6.3
-    out = _feed(ExpectedScore(tokenizer), tokenizer, '{"image_description":"A dim scene.","overall_score":', split_belief)
+    answer_so_far = '{"image_description":"A dim scene.","overall_score":'
+    out = _feed(ExpectedScore(tokenizer), tokenizer, answer_so_far, split_belief)
     assert _chosen(tokenizer, out) == "6.5"
     dim = _feed(ExpectedScore(tokenizer), tokenizer, '"dimensions":[{"name":"Lighting","score":', split_belief)
     assert _chosen(tokenizer, dim) == "6.5"

@@ -24,7 +24,7 @@ from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, ev
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
 from mondrian_assets.core.evaluation.overhead import measure_overhead
 from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison_report
-from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples, max_tokens_for
+from mondrian_assets.core.inference.generate import DECODING, generate_analyses, load_eval_examples, max_tokens_for
 from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
 from mondrian_assets.core.inference.records import Generation
 from mondrian_assets.core.isolation import ChildProcessFailed, run_in_child
@@ -112,7 +112,8 @@ def evaluate_in_process(
     max_tokens = settings.max_tokens or max_tokens_for(base, [e.reference for e in examples])
 
     def generate(label: str, loaded: LoadedModel) -> list[Generation]:
-        log(f"{label}: generating {len(examples)} analyses (greedy, max {max_tokens} tokens, batch {settings.batch_size})")
+        log(f"{label}: generating {len(examples)} analyses (greedy, score values at their expectation, "
+            f"max {max_tokens} tokens, batch {settings.batch_size})")
         return generate_analyses(loaded, examples, max_tokens=max_tokens, seed=settings.seed, batch_size=settings.batch_size)
 
     base_generations = generate("base", base)
@@ -149,7 +150,7 @@ def evaluate_in_process(
         base_model=base_model,
         lora_path=adapter_dir,
         validation_data=val_json,
-        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": "greedy"},
+        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": DECODING},
         chart_png=chart,
     )
     return EvalOutcome(comparison, gates, text, paths, chart, len(examples), max_tokens or 0)

@@ -5,8 +5,8 @@
 - The adapter is verified (every saved tensor must land on a model parameter, so a mismatched adapter cannot
   silently leave the base model in place) and then fused into the weights: unfused LoRA decodes far slower.
 - Decoding is greedy by default and seeded, except score values: with `expected_scores` (the default) each is the
-  score token nearest the expected value of the model's belief (`score_decoding`). A loop guard stops an output once its tail repeats
-  (`records.TOKEN_LOOP_RULE`), so a looping model costs seconds, not `max_tokens`.
+  score token nearest the expected value of the model's belief (`score_decoding`). A loop guard stops an output
+  once its tail repeats (`records.TOKEN_LOOP_RULE`), so a looping model costs seconds, not `max_tokens`.
 - `batch_size > 1` uses mlx-vlm's `batch_generate` (same greedy tokens as one-by-one on Qwen3-VL, see
   bench/bench_batched_generation.py); latency per example is then the batch's wall time.
 """
@@ -136,6 +136,9 @@ class LoopGuard:
 
 
 # --- generation ----------------------------------------------------------------------------------------------
+
+# What evaluation reports and the registry keys cached evaluations by: outcomes decoded another way never compare.
+DECODING = "greedy; score values: the expected value of the model's belief"
 
 
 def _one(
@@ -280,8 +283,8 @@ def run_settings(
 
     first = next(v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     return {
-        "decoding": "greedy" if temperature == 0 else f"sampled at temperature {temperature}",
-        "score_values": "expected value of the model's belief" if expected_scores else "as decoded",
+        "decoding": ("greedy" if temperature == 0 else f"sampled at temperature {temperature}")
+        + ("; score values: the expected value of the model's belief" if expected_scores else ""),
         "max_tokens": max_tokens,
         "seed": seed,
         "batch_size": batch_size,
