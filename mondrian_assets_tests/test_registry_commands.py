@@ -1,7 +1,10 @@
 """`mondrian-assets status / versions / rollback / pin / unpin` as a user runs them, on a registry of real adapters."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -41,6 +44,15 @@ def test_status_and_versions(home):
     rows = [line.split()[:3] for line in listed.stdout.splitlines()[1:]]
     assert rows == [["1", "retired", "passed"], ["2", "active", "passed"], ["3", "rejected", "passed"],
                     ["4", "rejected", "failed"]]  # fmt: skip
+
+
+def test_status_into_a_reader_that_stops_early_ends_quietly(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "DAGSTER_"))}
+    status = subprocess.Popen([sys.executable, "-m", "mondrian_assets.cli", "status", "--home", str(home.root / "home")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    status.stdout.close()  # the reader is gone before the table is written, as `status | head -1` can be
+    assert status.wait(timeout=120) == 0
+    assert b"Traceback" not in status.stderr.read()
 
 
 def test_status_fails_when_an_active_versions_files_were_deleted(home):
