@@ -117,8 +117,10 @@ def _split_row(loc: Locations, instance, advisor: str) -> AdvisorRow:
     split = run_job("split_job", instance, advisor)
     counts = _split_counts(loc, advisor)["counts"]
     row = AdvisorRow(advisor, counts.get("train", 0), counts.get("val", 0))
-    if split.status == "gated":  # a split check failed: a verdict, and a later train_job would not be blocked by it
-        failed = ", ".join(f"{g.asset} {g.check}" for g in split.failed_gates)
+    # a blocking split check failed: a verdict, and a later train_job would not be blocked by it (a WARN one, such as
+    # split_ratio on a few images, only informs)
+    if stopped := [g for g in split.failed_gates if g.stops_downstream]:
+        failed = ", ".join(f"{g.asset} {g.check}" for g in stopped)
         return replace(row, decision="not trained", reason=f"split checks failed: {failed}")
     return _failed_row(row, split) if split.status == "failed" else row
 

@@ -23,6 +23,7 @@ class FailedGate:
     asset: str
     check: str
     message: str
+    stops_downstream: bool = False  # a blocking check failed at ERROR severity (a WARN one only informs)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             check = event.asset_check_evaluation_data
             if not check.passed:  # blocking or not (eval_report's gates inform deployed_version), a verdict
-                gates.append(FailedGate(check.asset_key.to_user_string(), check.check_name, _message(check.metadata)))
+                stops = bool(check.blocking) and check.severity == dg.AssetCheckSeverity.ERROR
+                asset = check.asset_key.to_user_string()
+                gates.append(FailedGate(asset, check.check_name, _message(check.metadata), stops))
                 gated_steps.add(event.step_key)  # the step that ran it: advisor_splits for train_split's checks
         elif event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
             observation = event.asset_observation_data.asset_observation

@@ -177,7 +177,18 @@ def test_a_failing_split_check_stops_training(locations, mondrian_db, trainer, i
     # read back from the instance as the CLI reads it: a verdict, though the checks ran in the advisor_splits step
     outcome = read_outcome(instance, result.run_id)
     assert outcome.status == "gated" and outcome.errors == []
-    assert {g.check for g in outcome.failed_gates} == {"texts_non_trivial"}
+    assert [(g.check, g.stops_downstream) for g in outcome.failed_gates] == [("texts_non_trivial", True)]
+
+
+def test_a_lumpy_split_ratio_warns_and_stops_nothing(mondrian_db, trainer, instance):
+    materialize_link(mondrian_db, instance)
+    result = materialize_partition(
+        ["train_split", "val_split"], "weston", {"mondrian_db": mondrian_db, "mlx_trainer": trainer}, instance,
+        run_config={"ops": {"advisor_splits": {"config": {"ratio_tolerance": 0.0}}}},
+    )  # fmt: skip
+    outcome = read_outcome(instance, result.run_id)
+    assert [(g.check, g.stops_downstream) for g in outcome.failed_gates] == [("split_ratio", False)]
+    assert outcome.errors == []
 
 
 def test_invalid_fraction_is_a_clear_error():
