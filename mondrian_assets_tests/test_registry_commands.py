@@ -83,13 +83,19 @@ def test_rollback_pin_unpin_from_the_command_line(home):
     assert nothing.returncode == 2 and "not pinned" in nothing.stderr
 
 
+def _table_rows(stdout: str) -> dict[str, str]:
+    """The main job's closing table, one line per advisor."""
+    table = stdout[stdout.index("advisor  train/val"):].splitlines()[1:]
+    return {line.split()[0]: line for line in table if line.strip()}
+
+
 @pytest.mark.slow
 def test_the_main_job_deploys_each_advisor_and_a_second_run_changes_nothing(tmp_path):
     advisors = ("ansel", "weston")
     args = [a for advisor in advisors for a in ("--advisor", advisor)]
     first = cli(tmp_path, "demo", *args, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("deploy: ") == len(advisors)
+    rows = _table_rows(first.stdout)
     engine = state_engine(tmp_path / "mondrian_assets.db")
     status = cli(tmp_path, "status").stdout
     for advisor in advisors:
@@ -99,9 +105,10 @@ def test_the_main_job_deploys_each_advisor_and_a_second_run_changes_nothing(tmp_
         assert version.gates_passed == passed and (version.status == "active") == passed
         line = next(line for line in status.splitlines() if line.startswith(f"{advisor} "))
         assert line.split()[2] == (f"{advisor}-v1" if passed else "-")
+        assert f"{'promoted' if passed else 'rejected'} {advisor}-v1" in rows[advisor]
 
     before = {a: (len(list_versions(engine, a)), len(deployments(engine, a))) for a in advisors}
     second = cli(tmp_path, "demo", *args, timeout=1800)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("deploy: unchanged") == len(advisors)
+    assert all("unchanged, " in row for row in _table_rows(second.stdout).values())
     assert {a: (len(list_versions(engine, a)), len(deployments(engine, a))) for a in advisors} == before
