@@ -77,3 +77,28 @@ def test_a_position_where_the_mask_allows_no_score_is_passed_through(tokenizer):
     logits[0, 5] = 0.0
     out = _feed(ExpectedScore(tokenizer), tokenizer, '"score":', mx.array(logits))
     assert np.array_equal(np.array(out), logits)
+
+
+class _DigitTokenizer:
+    """A vocabulary that spells numbers digit by digit, as Qwen's does (`10` is `1`, `0`)."""
+
+    def __init__(self) -> None:
+        self.pieces = [*"0123456789", ".", '"score":', "{", "}"]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {piece: i for i, piece in enumerate(self.pieces)}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.pieces.index(text)] if text in self.pieces else [self.pieces.index(c) for c in text]
+
+
+def test_a_tokenizer_that_spells_scores_digit_by_digit_stays_greedy():
+    digits = _DigitTokenizer()
+    belief = np.full((1, len(digits.pieces)), -30.0, np.float32)
+    belief[0, digits.pieces.index("9")] = belief[0, digits.pieces.index("1")] = 0.0  # 9 or 10: "1" starts "10"
+    processor = ExpectedScore(digits)
+    out = _feed(processor, digits, '"score":', mx.array(belief))
+    assert np.array_equal(np.array(out), belief) and processor.chosen == 0  # never the mean of 9 and 1

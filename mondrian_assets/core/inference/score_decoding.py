@@ -7,8 +7,9 @@ G-Eval scores with an LLM judge) is the estimate with the least squared error un
 nearest to it is written. Every other token stays greedy.
 
 Evaluation, the registry's comparison and serving all decode through `generate`, so they read scores the same way.
-Tokenizers that spell a score over several tokens (Qwen writes `6.5` as `6`, `.`, `5`) get the integer part chosen
-this way and the rest greedily.
+It needs every whole score from SCORE_MIN to SCORE_MAX to be a token of its own, so that a score's first token says
+which score it starts. Qwen's tokenizer writes numbers digit by digit (`10` is `1`, `0`): there a belief split
+between 9 and 10 would read as the mean of 9 and 1, so such tokenizers are left greedy.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _score_tokens(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
         for token_id, text in ((i, tokenizer.decode([i])) for i in vocab.values())
         if _NUMBER.fullmatch(text) and schema.SCORE_MIN <= float(text) <= schema.SCORE_MAX
     )
+    whole = {v for v, _ in pairs if v.is_integer()}
+    if not {float(v) for v in range(int(schema.SCORE_MIN), int(schema.SCORE_MAX) + 1)} <= whole:
+        pairs = []  # a first token would not say which score it starts: stay greedy
     return np.array([i for _, i in pairs], np.int64), np.array([v for v, _ in pairs], np.float64)
 
 
