@@ -4,10 +4,9 @@ Per seed: `mondrian-assets demo --advisor <largest> --seed S` on a fresh home (d
 preparation, training, evaluation: what a user runs), then from its comparison report: base and fine-tuned format
 compliance, fine-tuned overall-score MAE and mean per-dimension MAE, the training-mean baseline's, the ratio
 fine-tuned / baseline, and whether every gate passed; `greedy` is the same ratio with score values decoded greedily
-instead of as the expected value of the model's belief (the default, `core/inference/score_decoding.py`).
-Then the image-shuffle check: the same fine-tuned model on the
-same validation prompts with the images permuted across examples. A model that reads the photo gets worse; one
-that reads the scores off the prompt text would not.
+instead of as the expected value of the model's belief (the default, `core/inference/score_decoding.py`). Then the
+image-shuffle check: the same fine-tuned model on the same validation prompts with the images permuted across
+examples. A model that reads the photo gets worse; one that reads the scores off the prompt text would not.
 
 `--train-sizes 20,30,40` measures how many training examples the model needs: one seed's largest advisor trained on
 the first N training examples (the same validation set), gates per N. It sets `MIN_TRAIN_EXAMPLES`.

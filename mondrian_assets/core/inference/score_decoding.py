@@ -31,7 +31,8 @@ _TAIL_TOKENS = 8  # enough to hold `"overall_score":` in any tokenizer's pieces
 
 @functools.cache
 def _score_tokens(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The token ids whose text is a whole score value within the schema's range, and those values."""
+    """The token ids whose text is a score value within the schema's range, and those values (none when a whole score
+    is not a token of its own)."""
     vocab = tokenizer.get_vocab()
     pairs = sorted(
         (float(text), token_id)
@@ -53,7 +54,7 @@ class ExpectedScore:
         self.ids, self.values = _score_tokens(tokenizer)
         self._ids = mx.array(self.ids)
         self.tokens: list[int] = []
-        self.chosen = 0  # score tokens written by expectation (for the run's record)
+        self.chosen = 0  # score tokens this processor chose
         self._primed = False
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
