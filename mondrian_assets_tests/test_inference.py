@@ -83,7 +83,7 @@ def test_generate_analyses_on_two_images(base, examples):
 
 def test_run_settings_record_what_a_rerun_needs(tuned):
     settings = inf.run_settings(tuned, max_tokens=64, seed=3, batch_size=4)
-    assert settings["decoding"] == inf.DECODING and settings["seed"] == 3 and settings["adapter_fused_layers"] > 0
+    assert settings["decoding"] == inf.decoding_label(True) and settings["seed"] == 3 and settings["adapter_fused_layers"] > 0
     assert settings["dtype"] == "mlx.core.float32" and settings["mlx_vlm"] == "0.7.10"
     json.dumps(settings)
 
@@ -199,8 +199,8 @@ def test_constrained_compliance_redecodes_only_what_the_grammar_would_change(bas
     assert not schema.parse_analysis(own[0].text).ok  # the untrained base writes no analysis
     cases = [*examples, examples[0]]
     generations = [Generation(canonical, 0.1, 1, 1.0, 1, 1.0), own[0], Generation(analysis_json(7.0), 0.1, 1, 1.0, 1, 1.0)]
-    result = constrained_compliance(base, cases, generations, max_tokens=400, seed=0, timing_prompts=2, repeats=2,
-                                    tokens=6, log=lambda _: None)  # fmt: skip
+    result = constrained_compliance(base, cases, generations, max_tokens=400, seed=0, expected_scores=True,
+                                    timing_prompts=2, repeats=2, tokens=6, log=lambda _: None)  # fmt: skip
     assert (result.examples, result.valid_unconstrained, result.accepted_as_is, result.redecoded) == (3, 2, 1, 2)
     assert result.valid_constrained + result.cut_off == 3  # the grammar's promise: valid unless out of tokens
     assert result.valid_constrained >= 1  # the canonical one; the untrained model's re-decodes may run out of tokens

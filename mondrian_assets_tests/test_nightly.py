@@ -12,8 +12,9 @@ import pytest
 
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.registry import decisions
-from mondrian_assets.core.registry.recheck import history, judge
-from mondrian_assets.core.registry.versions import register_version
+from mondrian_assets.core.evaluation.gates import GateThresholds
+from mondrian_assets.core.registry.recheck import deployment_settings, history, judge
+from mondrian_assets.core.registry.versions import Version, register_version
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.definitions import defs
 from mondrian_assets.defs import evaluation, linking, nightly, splits, training
@@ -24,6 +25,22 @@ from mondrian_assets.registry_commands import cmd_status
 from mondrian_assets_tests.registry_helpers import Registry
 
 NIGHT = datetime(2026, 12, 3, 2, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("saved, expected_scores", [
+    ({"max_tokens": 90, "expected_scores": True}, True),
+    ({"max_tokens": 90, "expected_scores": False}, False),
+    ({"max_tokens": 90}, False),  # a report from before expected score values: decoded greedily
+    (None, True),  # no report: today's defaults
+])  # fmt: skip
+def test_the_recheck_decodes_as_the_deployment_evaluation_did(tmp_path, saved, expected_scores):
+    report = tmp_path / "comparison_report.json"
+    if saved is not None:
+        report.write_text(json.dumps({"settings": saved}))
+    version = Version("weston", 1, "h", "base", "d", "f", {}, str(report), True, "active", False, tmp_path, "t", None)
+    settings = deployment_settings(version, GateThresholds())
+    assert settings.expected_scores is expected_scores
+    assert settings.max_tokens == (90 if saved else None)
 
 
 def test_judge_holds_within_the_tolerance_and_fails_each_bar():

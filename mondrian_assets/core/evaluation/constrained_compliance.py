@@ -65,6 +65,7 @@ def constrained_compliance(
     *,
     max_tokens: int,
     seed: int,
+    expected_scores: bool,
     timing_prompts: int,
     repeats: int,
     tokens: int,
@@ -81,7 +82,7 @@ def constrained_compliance(
         f"decoding {len(redo)} again with the mask")  # fmt: skip
     redone = [
         generate_one(loaded, e.image_path, e.prompt, max_tokens=max_tokens, seed=seed,
-                     logits_processors=[constraint.processor()])  # fmt: skip
+                     logits_processors=[constraint.processor()], expected_scores=expected_scores)  # fmt: skip
         for e in redo
     ]
     timed = list(examples[:timing_prompts])

@@ -24,7 +24,7 @@ from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, ev
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
 from mondrian_assets.core.evaluation.overhead import measure_overhead
 from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison_report
-from mondrian_assets.core.inference.generate import DECODING, generate_analyses, load_eval_examples, max_tokens_for
+from mondrian_assets.core.inference.generate import decoding_label, generate_analyses, load_eval_examples, max_tokens_for
 from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
 from mondrian_assets.core.inference.records import Generation
 from mondrian_assets.core.isolation import ChildProcessFailed, run_in_child
@@ -46,6 +46,9 @@ class EvalSettings:
         "Interleaved base / fine-tuned rounds over those prompts (two or more: the noise is measured between them)."
     ))] = 5
     overhead_tokens: Annotated[int, Field(ge=1, description="Tokens each timed run decodes.")] = 16
+    expected_scores: Annotated[bool, Field(description=(
+        "Score values at the expected value of the model's belief over them (off: greedy, like every other token)."
+    ))] = True
     thresholds: GateThresholds = field(default_factory=GateThresholds)
 
 
@@ -112,9 +115,10 @@ def evaluate_in_process(
     max_tokens = settings.max_tokens or max_tokens_for(base, [e.reference for e in examples])
 
     def generate(label: str, loaded: LoadedModel) -> list[Generation]:
-        log(f"{label}: generating {len(examples)} analyses (greedy, score values at their expectation, "
+        log(f"{label}: generating {len(examples)} analyses ({decoding_label(settings.expected_scores)}, "
             f"max {max_tokens} tokens, batch {settings.batch_size})")
-        return generate_analyses(loaded, examples, max_tokens=max_tokens, seed=settings.seed, batch_size=settings.batch_size)
+        return generate_analyses(loaded, examples, max_tokens=max_tokens, seed=settings.seed,
+                                 batch_size=settings.batch_size, expected_scores=settings.expected_scores)  # fmt: skip
 
     base_generations = generate("base", base)
     tuned = load_for_inference(base_model, adapter_dir)  # fused: the adapter costs no extra decode work
@@ -128,7 +132,7 @@ def evaluate_in_process(
     # what the service gives users (it decodes under the grammar mask by default), beside what the model learned
     constrained = constrained_compliance(
         tuned, examples, tuned_generations, max_tokens=max_tokens, seed=settings.seed,
-        timing_prompts=settings.overhead_prompts, repeats=settings.overhead_repeats, tokens=settings.overhead_tokens,
+        expected_scores=settings.expected_scores, timing_prompts=settings.overhead_prompts, repeats=settings.overhead_repeats, tokens=settings.overhead_tokens,
         log=log,
     )  # fmt: skip
     del tuned
@@ -150,7 +154,7 @@ def evaluate_in_process(
         base_model=base_model,
         lora_path=adapter_dir,
         validation_data=val_json,
-        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": DECODING},
+        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": decoding_label(settings.expected_scores)},
         chart_png=chart,
     )
     return EvalOutcome(comparison, gates, text, paths, chart, len(examples), max_tokens or 0)

@@ -137,8 +137,12 @@ class LoopGuard:
 
 # --- generation ----------------------------------------------------------------------------------------------
 
-# What evaluation reports and the registry keys cached evaluations by: outcomes decoded another way never compare.
-DECODING = "greedy; score values: the expected value of the model's belief"
+def decoding_label(expected_scores: bool, temperature: float = 0.0) -> str:
+    """How generation decoded, as evaluation reports it and the registry keys cached evaluations by (outcomes
+    decoded another way never compare)."""
+    tokens = "greedy" if temperature == 0 else f"sampled at temperature {temperature}"
+    return tokens + ("; score values: the expected value of the model's belief" if expected_scores else "")
+
 
 
 def _one(
@@ -283,8 +287,7 @@ def run_settings(
 
     first = next(v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     return {
-        "decoding": ("greedy" if temperature == 0 else f"sampled at temperature {temperature}")
-        + ("; score values: the expected value of the model's belief" if expected_scores else ""),
+        "decoding": decoding_label(expected_scores, temperature),
         "max_tokens": max_tokens,
         "seed": seed,
         "batch_size": batch_size,

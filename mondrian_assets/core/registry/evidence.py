@@ -128,7 +128,7 @@ def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path,
     loaded = load_for_inference(base_model, adapter_dir)
     generations = generate_analyses(
         loaded, examples, max_tokens=settings["max_tokens"], seed=settings.get("seed", 0),
-        batch_size=settings.get("batch_size", 4),
+        batch_size=settings.get("batch_size", 4), expected_scores=settings.get("expected_scores", False),
     )  # fmt: skip
     return [outcome_of(e.example_id, e.reference, g.text) for e, g in zip(examples, generations, strict=True)]
 

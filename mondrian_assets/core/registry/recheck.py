@@ -94,6 +94,8 @@ def deployment_settings(version: Version, thresholds: GateThresholds) -> EvalSet
         max_tokens=saved.get("max_tokens"),
         batch_size=saved.get("batch_size", defaults.batch_size),
         seed=saved.get("seed", defaults.seed),
+        # a report from before score values were decoded at their expectation was decoded greedily
+        expected_scores=saved.get("expected_scores", not saved),
         thresholds=thresholds,
     )
 
