@@ -132,8 +132,8 @@ def evaluate_in_process(
     # what the service gives users (it decodes under the grammar mask by default), beside what the model learned
     constrained = constrained_compliance(
         tuned, examples, tuned_generations, max_tokens=max_tokens, seed=settings.seed,
-        expected_scores=settings.expected_scores, timing_prompts=settings.overhead_prompts, repeats=settings.overhead_repeats, tokens=settings.overhead_tokens,
-        log=log,
+        expected_scores=settings.expected_scores, timing_prompts=settings.overhead_prompts,
+        repeats=settings.overhead_repeats, tokens=settings.overhead_tokens, log=log,
     )  # fmt: skip
     del tuned
     gc.collect()

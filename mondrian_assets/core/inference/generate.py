@@ -144,7 +144,6 @@ def decoding_label(expected_scores: bool, temperature: float = 0.0) -> str:
     return tokens + ("; score values: the expected value of the model's belief" if expected_scores else "")
 
 
-
 def _one(
     loaded: LoadedModel, example: EvalExample, max_tokens: int, temperature: float, seed: int, rule: LoopRule,
     expected_scores: bool,
