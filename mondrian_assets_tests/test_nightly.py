@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import dagster as dg
 import pytest
 
+from mondrian_assets.core.evaluation.gates import GateThresholds
 from mondrian_assets.core.locations import Locations
 from mondrian_assets.core.registry import decisions
-from mondrian_assets.core.evaluation.gates import GateThresholds
 from mondrian_assets.core.registry.recheck import deployment_settings, history, judge
 from mondrian_assets.core.registry.versions import Version, register_version
 from mondrian_assets.core.state_db import state_engine

@@ -52,6 +52,12 @@ class EvalSettings:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
 
 
+def decoded_expected_scores(report_settings: dict) -> bool:
+    """Whether the evaluation behind a report's `settings` decoded score values at their expectation; a report
+    written before the setting existed decoded them greedily."""
+    return bool(report_settings.get("expected_scores", False))
+
+
 @dataclass(frozen=True)
 class EvalOutcome:
     comparison: Comparison

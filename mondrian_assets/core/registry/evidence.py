@@ -2,7 +2,7 @@
 its report JSON, never assumed), and the active version's outcomes on the same validation examples.
 
 The active version is evaluated with the evaluation's own pieces (`load_eval_examples`, `load_for_inference`,
-`generate_analyses`, the canonical parser) and the candidate's settings (examples, token budget, batch, seed), and
+`generate_analyses`, the canonical parser) and the candidate's settings (examples, token budget, batch, seed, decoding), and
 cached in our state DB by (adapter content hash, validation file content, settings): a re-run with nothing new
 does not generate again. The nightly re-check can read and fill the same cache (`evaluate_version`). MLX runs in
 a child process (core/isolation.py), as in training and evaluation.
@@ -120,6 +120,7 @@ def _settings_key(version: Version, settings: dict) -> str:
 def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path, settings: dict, label: str,
                       log: Callable[[str], None] = print) -> list[ExampleOutcome]:  # fmt: skip
     """An adapter's outcomes on the validation examples with the given generation settings (MLX runs here)."""
+    from mondrian_assets.core.evaluation.run import decoded_expected_scores
     from mondrian_assets.core.inference.generate import generate_analyses, load_eval_examples
     from mondrian_assets.core.inference.loading import load_for_inference
 
@@ -128,7 +129,7 @@ def generate_outcomes(base_model: str, adapter_dir: Path, validation_data: Path,
     loaded = load_for_inference(base_model, adapter_dir)
     generations = generate_analyses(
         loaded, examples, max_tokens=settings["max_tokens"], seed=settings.get("seed", 0),
-        batch_size=settings.get("batch_size", 4), expected_scores=settings.get("expected_scores", False),
+        batch_size=settings.get("batch_size", 4), expected_scores=decoded_expected_scores(settings),
     )  # fmt: skip
     return [outcome_of(e.example_id, e.reference, g.text) for e, g in zip(examples, generations, strict=True)]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from mondrian_assets.core.evaluation.gates import GateThresholds
-from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
+from mondrian_assets.core.evaluation.run import EvalSettings, decoded_expected_scores, evaluate_adapter
 from mondrian_assets.core.registry.evidence import file_sha256
 from mondrian_assets.core.registry.versions import RegistryError, Version, now
 from mondrian_assets.core.state_db import evaluation_history_table
@@ -94,8 +94,7 @@ def deployment_settings(version: Version, thresholds: GateThresholds) -> EvalSet
         max_tokens=saved.get("max_tokens"),
         batch_size=saved.get("batch_size", defaults.batch_size),
         seed=saved.get("seed", defaults.seed),
-        # a report from before score values were decoded at their expectation was decoded greedily
-        expected_scores=saved.get("expected_scores", not saved),
+        expected_scores=decoded_expected_scores(saved) if saved else defaults.expected_scores,
         thresholds=thresholds,
     )
 
