@@ -24,7 +24,12 @@ from mondrian_assets.core.evaluation.gates import GateResult, GateThresholds, ev
 from mondrian_assets.core.evaluation.metrics import Comparison, compare
 from mondrian_assets.core.evaluation.overhead import measure_overhead
 from mondrian_assets.core.evaluation.report import ReportPaths, write_comparison_report
-from mondrian_assets.core.inference.generate import decoding_label, generate_analyses, load_eval_examples, max_tokens_for
+from mondrian_assets.core.inference.generate import (
+    decoding_label,
+    generate_analyses,
+    load_eval_examples,
+    max_tokens_for,
+)
 from mondrian_assets.core.inference.loading import LoadedModel, load_for_inference
 from mondrian_assets.core.inference.records import Generation
 from mondrian_assets.core.isolation import ChildProcessFailed, run_in_child

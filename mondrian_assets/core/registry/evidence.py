@@ -2,9 +2,9 @@
 its report JSON, never assumed), and the active version's outcomes on the same validation examples.
 
 The active version is evaluated with the evaluation's own pieces (`load_eval_examples`, `load_for_inference`,
-`generate_analyses`, the canonical parser) and the candidate's settings (examples, token budget, batch, seed, decoding), and
-cached in our state DB by (adapter content hash, validation file content, settings): a re-run with nothing new
-does not generate again. The nightly re-check can read and fill the same cache (`evaluate_version`). MLX runs in
+`generate_analyses`, the canonical parser) and the candidate's settings (examples, token budget, batch, seed,
+decoding), and cached in our state DB by (adapter content hash, validation file content, settings): a re-run with
+nothing new does not generate again. The nightly re-check can read and fill the same cache (`evaluate_version`). MLX runs in
 a child process (core/isolation.py), as in training and evaluation.
 """
 
