@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,15 +19,13 @@ from typing import TYPE_CHECKING
 from mondrian_assets import registry_commands
 from mondrian_assets.advisor_table import AdvisorRow, evaluated_cells, render
 from mondrian_assets.core.locations import Locations
+from mondrian_assets.project_instance import project_instance
 
 if TYPE_CHECKING:  # importing Dagster is slow; commands that run jobs import it when they run
     from mondrian_assets.run_outcome import RunOutcome
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # workspace.yaml
-# The instance settings ./dev starts DAGSTER_HOME with (not at the root: Dagster warns about a dagster.yaml in the
-# working directory that is not DAGSTER_HOME's).
-INSTANCE_TEMPLATE = REPO_ROOT / "dagster_home" / "dagster.yaml"
 DEMO_ADD_ADVISORS = ("ansel", "weston")  # the demo's advisors with enough examples to retrain
 
 
@@ -55,18 +52,6 @@ def _generate_demo(app_dir: Path, *, seed: int, n_jobs: int | None = None) -> No
     print(f"demo app written to {summary.app_dir}: {summary.jobs_total} jobs ({per_advisor} completed)")
 
 
-def _instance(loc: Locations):
-    """The persistent instance in DAGSTER_HOME, set up with the project's dagster.yaml (concurrency limits)
-    unless that folder already has its own."""
-    import dagster as dg
-
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(loc.home / ".dagster")))
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(INSTANCE_TEMPLATE, home / "dagster.yaml")
-    return dg.DagsterInstance.get()
-
-
 def cmd_demo_data(args: argparse.Namespace) -> int:
     app_dir = _locations(args).app_dir
     if args.add is None:
@@ -90,7 +75,7 @@ def cmd_link(args: argparse.Namespace) -> int:
     from mondrian_assets.run_outcome import run_job
 
     loc = _use_demo_if_unset(args)
-    outcome = run_job("link_job", _instance(loc))
+    outcome = run_job("link_job", project_instance(loc))
     for error in outcome.errors:
         print(f"linking failed: {error}", file=sys.stderr)
     if loc.manifest_path.exists():
@@ -131,7 +116,7 @@ def _trained_row(row: AdvisorRow) -> AdvisorRow:
 
     loc = Locations.resolve()
     decided_before = registry_commands.decision_count(loc, row.advisor)
-    outcome = run_job("train_job", _instance(loc), row.advisor)
+    outcome = run_job("train_job", project_instance(loc), row.advisor)
     if outcome.status == "ok" and not outcome.decisions:
         row = replace(row, deploy=registry_commands.decision_since(loc, row.advisor, decided_before))
     if decision := outcome.decisions.get("lora_adapter"):
@@ -153,18 +138,16 @@ def _demo_mlx_slots(instance, slots: int) -> Iterator[None]:
 
     The pool's one slot protects a Mac from two 4B models in memory at once; the embedded model takes ~0.3 GB and
     one CPU core per step, so on the demo it only makes the second advisor wait. A limit someone set (anything
-    but the default) is left alone."""
-    from mondrian_assets.defs.resources import MLX_POOL
+    but the default) is left alone. The loan is recorded first: if the demo is killed, the next start gives it
+    back (`run_workers.repair_instance`)."""
+    from mondrian_assets.defs.run_workers import MLX_POOL, lend_pool_slots, return_pool_slots
 
-    storage = instance.event_log_storage
-    if slots <= 1 or not storage.get_concurrency_info(MLX_POOL).using_default_limit:
-        yield
-        return
-    storage.set_concurrency_slots(MLX_POOL, slots)
+    lent = slots > 1 and lend_pool_slots(instance, MLX_POOL, slots)
     try:
         yield
     finally:
-        storage.delete_concurrency_limit(MLX_POOL)  # back to dagster.yaml's default
+        if lent:
+            return_pool_slots(instance, MLX_POOL)
 
 
 def _train_all(rows: list[AdvisorRow], parallel: int) -> list[AdvisorRow]:
@@ -191,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mondrian_assets.run_outcome import run_job
 
     loc = _use_demo_if_unset(args)
-    instance = _instance(loc)
+    instance = project_instance(loc)
     link = run_job("link_job", instance)
     if link.status == "failed":
         print(f"linking failed: {link.errors[0]}", file=sys.stderr)
@@ -275,9 +258,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """`dagster dev`: the webserver and the daemon (which runs the sensors, the schedules and the run queue)
     together, on this project's instance and workspace.yaml; Ctrl-C stops both."""
     loc = _use_demo_if_unset(args)
-    _instance(loc)
-    repo_root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-m", "dagster", "dev", "-w", str(repo_root / "workspace.yaml"),
+    project_instance(loc)
+    argv = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
             "-h", args.host, "-p", str(args.port)]  # fmt: skip
     os.execv(argv[0], argv)  # this interpreter: the venv's dagster, whether or not the venv is on PATH
     return 0

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from mondrian_assets.defs import deployment, evaluation, jobs, linking, nightly, schedules, sensors, splits, training
+from mondrian_assets.defs.executor import repairing_in_process_executor
 from mondrian_assets.defs.resources import AlertWebhook, MlxTrainer, MondrianDatabase, RetrainSettings
 
 defs = dg.Definitions(
@@ -15,4 +16,5 @@ defs = dg.Definitions(
     sensors=[sensors.retrain_sensor],
     resources={"mondrian_db": MondrianDatabase(), "mlx_trainer": MlxTrainer(), "alert_webhook": AlertWebhook(),
                "retrain_settings": RetrainSettings()},
+    executor=repairing_in_process_executor,
 )

@@ -41,6 +41,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from mondrian_assets.core.registry.status import registry_status
 
     engine, loc = _registry(args)
+    _print_instance(loc)
     statuses = [s for s in registry_status(engine, loc.models) if not args.advisor or s.advisor in args.advisor]
     if not statuses:
         print(f"no versions registered under {loc.models} yet (run the main job: ./dev demo)")
@@ -69,6 +70,14 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"`mondrian-assets rollback --advisor {version.advisor} --to N`, or retrain")  # fmt: skip
     _print_serving(engine)
     return 1 if missing else 0
+
+
+def _print_instance(loc: Locations) -> None:
+    """The Dagster instance's runs and MLX pool: dead runs failed and slots freed just now, who holds the pool."""
+    from mondrian_assets.project_instance import instance_report
+
+    if lines := instance_report(loc):
+        print("\n".join(lines) + "\n")
 
 
 def _print_serving(engine: sa.Engine) -> None:

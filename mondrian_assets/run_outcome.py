@@ -16,6 +16,7 @@ import dagster as dg
 from dagster._core.log_manager import LOG_RECORD_METADATA_ATTR
 
 from mondrian_assets.definitions import defs
+from mondrian_assets.defs.run_workers import repair_instance
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,29 @@ def progress_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     return logger
 
 
+def console_job(name: str) -> dg.JobDefinition:
+    """Job `name` with the progress logger (for `run_job`: rebuilt by name in the run's process)."""
+    return defs.resolve_job_def(name).with_logger_defs({"progress": progress_logger})
+
+
 def run_job(name: str, instance: dg.DagsterInstance, partition_key: str | None = None) -> RunOutcome:
-    """Run `name` in-process with the progress logger on the console; the instance keeps every event."""
+    """Run `name` in this process with the progress logger on the console; the instance keeps every event.
+
+    The job's own executor runs it (as for a launch from the UI): the run records its worker, the instance is
+    repaired first (runs whose worker died here are failed and their slots freed), a step blocked by a pool
+    limit sleeps."""
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     # An advisor with too little data yields no adapter and so no adapter checks: Dagster says so per check,
     # though what they would gate is skipped anyway.
     logging.getLogger("dagster._core.execution.plan.active").setLevel(logging.ERROR)
-    job = defs.resolve_job_def(name).with_logger_defs({"progress": progress_logger})
-    result = job.execute_in_process(
-        instance=instance, partition_key=partition_key, raise_on_error=False, run_config={"loggers": {"progress": {}}}
-    )
-    return read_outcome(instance, result.run_id)
+    for line in repair_instance(instance):  # the executor would too, but its engine events stay off the console
+        print(line, flush=True)
+    job = dg.build_reconstructable_job(__name__, console_job.__name__, reconstructable_args=(name,))
+    tags = {"dagster/partition": partition_key} if partition_key else {}
+    with dg.execute_job(job, instance, run_config={"loggers": {"progress": {}}}, tags=tags,
+                        raise_on_error=False) as result:  # fmt: skip
+        run_id = result.run_id
+    return read_outcome(instance, run_id)
 
 
 def read_outcome(instance: dg.DagsterInstance, run_id: str) -> RunOutcome:

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from mondrian_assets.cli import _demo_mlx_slots, build_parser
-from mondrian_assets.defs.resources import MLX_POOL
+from mondrian_assets.defs.run_workers import MLX_POOL
 
 
 def cli(home: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
 
-from mondrian_assets.cli import INSTANCE_TEMPLATE
+from mondrian_assets.project_instance import INSTANCE_TEMPLATE
 from mondrian_assets.cli import main as cli_main
 from mondrian_assets.core.data import app_db, linker
 from mondrian_assets.core.data.link_cache import LinkStore
@@ -24,7 +24,8 @@ from mondrian_assets.definitions import defs
 from mondrian_assets.defs import linking, sensors
 from mondrian_assets.defs.partitions import ADVISOR_PARTITIONS_NAME
 from mondrian_assets.defs.jobs import retrain_job
-from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, MondrianDatabase, RetrainSettings
+from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase, RetrainSettings
+from mondrian_assets.defs.run_workers import MLX_POOL
 from mondrian_assets.demo.app import append_demo_jobs, load_truth
 
 POLICY = RetrainPolicy(min_new_examples=5, max_wait_s=600)

@@ -15,6 +15,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,21 @@ def _crash_point(function_name: str) -> tuple[int, Path] | None:
     return (int(step), Path(marker)) if name == function_name else None
 
 
+def _exit_with_parent() -> None:
+    """End this process when the parent goes away: it holds the only write end of our stdin, so end-of-file
+    there means it exited or was killed (`run_in_child` closes it only after we have exited)."""
+
+    def watch() -> None:
+        stdin = sys.stdin.fileno()
+        while os.read(stdin, 4096):  # the raw fd: a buffered reader's lock would abort the interpreter's exit
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
+    _exit_with_parent()
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 

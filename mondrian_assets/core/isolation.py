@@ -69,8 +69,10 @@ def run_in_child(
         request, result_path = Path(scratch) / "request.pkl", Path(scratch) / "result.pkl"
         request.write_bytes(pickle.dumps({"function": function, "kwargs": kwargs, "report_to": report_to,
                                           "result": str(result_path)}))  # fmt: skip
+        # stdin is a pipe only this process writes to: when this process dies, even by SIGKILL, the child reads
+        # end-of-file and exits (`child_worker`), so no orphan goes on training beside the run that resumes it
         child = subprocess.Popen(
-            [sys.executable, "-m", "mondrian_assets.core.child_worker", str(request)],
+            [sys.executable, "-m", "mondrian_assets.core.child_worker", str(request)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})},
         )  # fmt: skip
         stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
@@ -93,6 +95,7 @@ def run_in_child(
             raise
         finally:
             drain.join(timeout=5)
+            child.stdin.close()
         tail = "".join(stderr_tail)
         if error is not None:
             by_name = {f"{kind.__module__}.{kind.__qualname__}": kind for kind in expected}

@@ -15,7 +15,8 @@ from mondrian_assets.core.evaluation.run import EvalSettings, evaluate_adapter
 from mondrian_assets.core.registry.versions import adapter_content_hash
 from mondrian_assets.defs.config_fields import config_class, values_for
 from mondrian_assets.defs.partitions import advisor_partitions
-from mondrian_assets.defs.resources import MLX_POOL, MondrianDatabase
+from mondrian_assets.defs.resources import MondrianDatabase
+from mondrian_assets.defs.run_workers import MLX_POOL
 
 CODE_VERSION = "3"  # bump when metrics, gates or how outputs are generated change; 2: paired gates, timed overhead;
 # 3: compliance under the grammar mask

@@ -10,6 +10,7 @@ from mondrian_assets.core.registry.recheck import DEFAULT_MAE_TOLERANCE, Recheck
 from mondrian_assets.core.registry.versions import RegistryError, active_version
 from mondrian_assets.defs.partitions import advisor_partitions
 from mondrian_assets.defs.resources import AlertWebhook, MondrianDatabase
+from mondrian_assets.defs.run_workers import MLX_POOL
 
 CHECK_NAME = "active_version_holds_up"
 
@@ -42,7 +43,7 @@ def _alert(result: Recheck, run_id: str) -> dict:
     group_name="monitoring",
     kinds={"mlx", "sqlite"},
     deps=["deployed_version", "val_split"],
-    pool="mlx",  # an evaluation is an MLX step like training: it waits its turn in the same pool
+    pool=MLX_POOL,  # an evaluation is an MLX step like training: it waits its turn in the same pool
     code_version="1",  # bump when the re-check's bars change
     check_specs=[dg.AssetCheckSpec(
         CHECK_NAME, asset="active_version_evaluation", blocking=True,

@@ -21,9 +21,6 @@ from mondrian_assets.core.training.config import TrainConfig
 from mondrian_assets.defs.config_fields import config_class, values_for
 
 
-MLX_POOL = "mlx"  # the MLX steps' concurrency pool: its limit (1 in the project's dagster.yaml) is MLX jobs per machine
-
-
 class MondrianDatabase(dg.ConfigurableResource):
     """The Mondrian app's `mondrian.db` (opened read-only, always) and our own state DB under MONDRIAN_HOME.
 

@@ -19,7 +19,8 @@ from mondrian_assets.core.training.config import TrainConfig, TrainingConfigErro
 from mondrian_assets.core.training.isolation import run_training_subprocess
 from mondrian_assets.core.training.readiness import MIN_TRAIN_EXAMPLES, decide_training
 from mondrian_assets.defs.partitions import advisor_partitions
-from mondrian_assets.defs.resources import MLX_POOL, MlxTrainer, MondrianDatabase
+from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
+from mondrian_assets.defs.run_workers import MLX_POOL
 
 
 CODE_VERSION = "1"  # bump when the training code changes what an adapter learns from the same data and settings
