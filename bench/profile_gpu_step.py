@@ -73,7 +73,7 @@ def main() -> None:
     model, _, _ = load_trainable_model(config, options)
     model_config = json.loads((args.model_dir / "config.json").read_text())
     examples = training_examples(shapes, model_config, args.batch, seq, 0.35, seed=0)
-    batch = collate(examples, int(model_config["pad_token_id"]), options.length_multiple)
+    batch = collate(examples, int(model_config["pad_token_id"]), options.length_multiple, options.align_input)
     scale = 1.0 / batch["targets"]
     loss_and_grad = nn.value_and_grad(model, loop.loss_fn)
     optimizer, _ = loop.make_optimizer(config, 100, model)

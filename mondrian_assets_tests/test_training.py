@@ -146,23 +146,27 @@ def test_speed_levers_leave_the_loss_and_its_gradients_unchanged(data, config):
     examples = [encode_example(processor, model_config, row, config) for row in rows]
     plain = speed_options(length_multiple=1, answer_only_projection=False, upcast_logits=True)
     fast = speed_options(length_multiple=16, answer_only_projection=True, upcast_logits=False)
+    cuda = speed_options(length_multiple=128, align_input=True, answer_only_projection=True, upcast_logits=False)
     model, _, _ = load_trainable_model(config, fast)
     mx.random.seed(3)  # non-zero B, so every LoRA matrix gets a gradient
     model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     results = []
-    for options in (plain, fast):
-        batch = collate(examples, processor.tokenizer.pad_token_id, options.length_multiple)
+    for options in (plain, fast, cuda):
+        batch = collate(examples, processor.tokenizer.pad_token_id, options.length_multiple, options.align_input)
         assert batch["targets"] == sum(int(e.loss_mask[1:].sum()) for e in examples)
-        assert batch["input_ids"].shape[1] % options.length_multiple == 0
+        # what the model is fed (the ids less the last) is the multiple when aligned, the padded ids otherwise
+        fed = batch["input_ids"].shape[1] - options.align_input
+        assert fed % options.length_multiple == 0 and fed < max(len(e.input_ids) for e in examples) + 128
         results.append(loss_and_grad(model, batch, 1.0 / batch["targets"], options))
-    (plain_loss, plain_grads), (fast_loss, fast_grads) = results
-    assert fast_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
-    pairs = list(zip(tree_flatten(plain_grads), tree_flatten(fast_grads), strict=True))
-    assert len(pairs) == 2 * 7 * SMALL.num_layers
-    for (name, a), (_, b) in pairs:
-        assert mx.abs(a).max().item() > 0, name
-        assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
+    (plain_loss, plain_grads), *others = results
+    for loss, grads in others:
+        assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+        pairs = list(zip(tree_flatten(plain_grads), tree_flatten(grads), strict=True))
+        assert len(pairs) == 2 * 7 * SMALL.num_layers
+        for (name, a), (_, b) in pairs:
+            assert mx.abs(a).max().item() > 0, name
+            assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
 
 
 def test_validation_names_the_problem(data, config, tmp_path):

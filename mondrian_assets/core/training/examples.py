@@ -180,17 +180,20 @@ def _model_inputs(processor: Any, model_config: dict, text: str, images: list[st
         raise TrainingConfigError(f"{where}: the processor rejected the example: {exc}") from exc
 
 
-def collate(examples: list[Example], pad_id: int, length_multiple: int = 1) -> dict:
+def collate(examples: list[Example], pad_id: int, length_multiple: int = 1, align_input: bool = False) -> dict:
     """Right-pad a batch; padding is neither attended to by real tokens (causal) nor a target.
 
     With `length_multiple` > 1 the length is rounded up to a multiple of it, and so is the number of target
     rows (padded with position 0 at weight 0): a GPU builds its kernels per shape, so a few shapes beat many.
+    `align_input` rounds the model's input instead (the ids less the last, what the loop feeds the model), so
+    the padded ids are one longer than a multiple.
     `target_positions` are the flat positions in the (batch, length - 1) inputs whose next token is a target;
     `targets` counts them as a host int, so weighting a micro-batch never waits on the device.
     """
     import mlx.core as mx
 
-    length = _round_up(max(len(e.input_ids) for e in examples), length_multiple)
+    longest = max(len(e.input_ids) for e in examples)
+    length = _round_up(longest - 1, length_multiple) + 1 if align_input else _round_up(longest, length_multiple)
     ids = np.full((len(examples), length), pad_id, np.int32)
     mask = np.zeros((len(examples), length), np.int32)
     for row, e in enumerate(examples):

@@ -84,7 +84,7 @@ def evaluate(model: Any, examples: list[Example], batch_size: int, pad_id: int, 
     model.eval()
     total, count = mx.array(0.0), 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id, options.length_multiple)
+        batch = collate(examples[start : start + batch_size], pad_id, options.length_multiple, options.align_input)
         total = total + loss_fn(model, batch, 1.0, options)
         count += batch["targets"]
         mx.eval(total)
@@ -157,7 +157,8 @@ class TrainStep:
             [self.train_set[i] for i in micro_batch(len(self.train_set), config.batch_size, config.seed, index)]
             for index in range(first, first + config.grad_accumulation)
         ]
-        batches = [collate(examples, self.pad_id, self.options.length_multiple) for examples in micro]
+        options = self.options
+        batches = [collate(examples, self.pad_id, options.length_multiple, options.align_input) for examples in micro]
         targets = sum(b["targets"] for b in batches)
         grads, loss = None, mx.array(0.0)
         for index, batch in enumerate(batches, first):
