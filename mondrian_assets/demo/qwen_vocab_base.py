@@ -24,6 +24,7 @@ from mondrian_assets.demo.tiny_model import (
     SPEC_FILE,
     SPECIAL_TOKENS,
     TinyModelSpec,
+    check_spec,
     is_built,
     spec_fingerprint,
     write_model_files,
@@ -100,9 +101,13 @@ def ensure_qwen_vocab_base(models_dir: Path, shape: Shape = "tiny") -> Path:
     seed = 0 if shape == "tiny" else None
     if is_built(out_dir, spec, digest, seed):
         return out_dir
+    check_spec(spec)
     tokenizer = qwen_tokenizer(models_dir / "base" / TOKENIZER_CACHE, ranks, digest)
     with atomic.staged_dir(out_dir) as stage:
-        write_model_files(stage, tokenizer, QWEN_SPECIAL_TOKENS, spec, QWEN_EMBEDDING_ROWS, STAND_IN_NOTES[shape], seed)
+        write_model_files(
+            stage, tokenizer, special_tokens=QWEN_SPECIAL_TOKENS, spec=spec, vocab_size=QWEN_EMBEDDING_ROWS,
+            stand_in_note=STAND_IN_NOTES[shape], seed=seed,
+        )  # fmt: skip
         fingerprint = spec_fingerprint(spec, digest, seed) | {"shape": shape}
         (stage / SPEC_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
     return out_dir

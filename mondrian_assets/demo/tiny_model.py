@@ -101,7 +101,7 @@ class TinyModelSpec:
     rope_theta: float = 10_000.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False  # tied, the random model predicts "repeat the last token" and learns slower
-    dtype: str = "float32"  # on the CPU bf16 matmuls are ~100x slower
+    dtype: str = "float32"  # the config's (random weights are float32): on the CPU bf16 matmuls are ~100x slower
     # vision tower
     vision_hidden_size: int = 64
     vision_depth: int = 1
@@ -175,11 +175,14 @@ def build_tiny_base_model(
     digest = corpus_hash(texts)
     if is_built(out_dir, spec, digest, seed):
         return out_dir
-    _check_spec(spec)
+    check_spec(spec)
     with atomic.staged_dir(out_dir) as stage:
         tokenizer = train_tokenizer(texts, spec)
         vocab_size = tokenizer.get_vocab_size()
-        write_model_files(stage, tokenizer, SPECIAL_TOKENS, spec, vocab_size, STAND_IN_NOTE, seed)
+        write_model_files(
+            stage, tokenizer, special_tokens=SPECIAL_TOKENS, spec=spec, vocab_size=vocab_size,
+            stand_in_note=STAND_IN_NOTE, seed=seed,
+        )  # fmt: skip
         _write_json(stage / SPEC_FILE, spec_fingerprint(spec, digest, seed) | {"vocab_size": vocab_size})
     return out_dir
 
@@ -187,6 +190,7 @@ def build_tiny_base_model(
 def write_model_files(
     stage: Path,
     tokenizer,
+    *,
     special_tokens: tuple[str, ...],
     spec: TinyModelSpec,
     vocab_size: int,
@@ -217,7 +221,7 @@ def write_model_files(
     return config
 
 
-def _check_spec(spec: TinyModelSpec) -> None:
+def check_spec(spec: TinyModelSpec) -> None:
     if spec.num_heads * spec.head_dim <= 0 or spec.num_heads % spec.num_kv_heads:
         raise ValueError("num_heads must be a positive multiple of num_kv_heads")
     if spec.head_dim % 2 or sum(spec.mrope_section()) != spec.head_dim // 2:
