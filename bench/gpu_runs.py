@@ -18,7 +18,8 @@ def parser_for(doc: str | None, peer_script: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=Path, required=True, help=f"the folder of {peer_script} and qwen3vl4b_config.py")
     parser.add_argument("--model-dir", type=Path, help="the 4B-shaped checkpoint (built there if missing)")
-    parser.add_argument("--tokenizer-from", type=Path, help="a built embedded tiny model (default: build one)")
+    parser.add_argument("--tokenizer-from", type=Path,
+                        help="a folder with tokenizer and processor files (default: Qwen's real tokenizer, built here)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
@@ -27,9 +28,9 @@ def parser_for(doc: str | None, peer_script: str) -> argparse.ArgumentParser:
 def tokenizer_source(path: Path | None) -> Path:
     if path is not None:
         return path
-    from mondrian_assets.demo.base_model import ensure_embedded_base_model
+    from mondrian_assets.demo.qwen_vocab_base import ensure_qwen_vocab_base
 
-    return ensure_embedded_base_model(Path(tempfile.mkdtemp(prefix="bench-models-")))
+    return ensure_qwen_vocab_base(Path(tempfile.mkdtemp(prefix="bench-models-")), "4b")
 
 
 def prepare_checkpoint(args: argparse.Namespace) -> None:

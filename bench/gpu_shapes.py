@@ -1,9 +1,10 @@
 """The GPU benchmarks' model and data: Qwen3-VL-4B-Instruct shapes with random bf16 weights, as the peers use.
 
 The shapes come from the peers' own `qwen3vl4b_config.py` (imported, so both sides measure the same model); the
-tokenizer and processor files come from our embedded tiny model (no download), with the processor's pixel budget
-set so a 448 x 448 image becomes the peers' 28 x 28 patches (196 image tokens). The checkpoint is written in mlx-vlm's
-own parameter names, so `mlx_vlm.load` (hence our training and inference code) reads it like any base model.
+tokenizer and processor files come from the 4B-shaped folder with Qwen's real tokenizer (`demo/qwen_vocab_base.py`,
+built offline), with the processor's pixel budget set so a 448 x 448 image becomes the peers' 28 x 28 patches (196
+image tokens). The checkpoint is written in mlx-vlm's own parameter names, so `mlx_vlm.load` (hence our training
+and inference code) reads it like any base model.
 """
 
 from __future__ import annotations
@@ -92,10 +93,14 @@ def build_checkpoint(out_dir: Path, tokenizer_dir: Path, shapes, seed: int = 0) 
 
 
 def widen_vocabulary(tokenizer_file: Path, size: int) -> None:
-    """Give every id the random model can emit a (never merged) token, so the detokenizer can show it."""
+    """Give every id the random model can emit a (never merged) token, so the detokenizer can show it.
+
+    The special tokens join the model's vocabulary at their ids first: `tokenizers` numbers added tokens missing
+    from it after the vocabulary's size, so around a gap Qwen's `<|image_pad|>` would move off 151655."""
     tokenizer = json.loads(tokenizer_file.read_text())
     vocab = tokenizer["model"]["vocab"]
-    taken = set(vocab.values()) | {t["id"] for t in tokenizer["added_tokens"]}
+    vocab |= {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    taken = set(vocab.values())
     vocab |= {f"<unused{i}>": i for i in range(size) if i not in taken}
     tokenizer_file.write_text(json.dumps(tokenizer, ensure_ascii=False))
 

@@ -11,6 +11,7 @@ from mondrian_assets.core.locations import Locations
 from mondrian_assets.defs.resources import MlxTrainer, MondrianDatabase
 from mondrian_assets.demo.app import DemoSummary, generate_demo_app
 from mondrian_assets.demo.base_model import ensure_embedded_base_model
+from mondrian_assets.demo.qwen_vocab_base import ensure_qwen_vocab_base
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a model hub
 
@@ -48,6 +49,19 @@ def instance():
 def embedded_base(tmp_path_factory) -> Path:
     """The real embedded tiny Qwen3-VL, built once per session."""
     return ensure_embedded_base_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_models(tmp_path_factory) -> Path:
+    """A models folder holding the tiny stand-in with Qwen's real tokenizer (converted once per session)."""
+    models = tmp_path_factory.mktemp("qwen-vocab-models")
+    ensure_qwen_vocab_base(models, "tiny")
+    return models
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_base(qwen_vocab_models) -> Path:
+    return ensure_qwen_vocab_base(qwen_vocab_models, "tiny")
 
 
 @pytest.fixture

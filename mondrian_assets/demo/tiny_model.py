@@ -68,6 +68,11 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+STAND_IN_NOTE = (
+    "random weights and a tokenizer trained on the demo's text: a stand-in for the pipeline's code paths, "
+    "not for the quality or the token counts of a real Qwen3-VL"
+)
+
 # Text every chat carries besides the corpus; the tokenizer should know it as whole pieces.
 _TEMPLATE_TEXT = ("user", "assistant", "system")
 
@@ -96,6 +101,7 @@ class TinyModelSpec:
     rope_theta: float = 10_000.0
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False  # tied, the random model predicts "repeat the last token" and learns slower
+    dtype: str = "float32"  # the config's (random weights are float32): on the CPU bf16 matmuls are ~100x slower
     # vision tower
     vision_hidden_size: int = 64
     vision_depth: int = 1
@@ -105,6 +111,7 @@ class TinyModelSpec:
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
     num_position_embeddings: int = 256  # a square: the pos-embedding grid is 16 x 16
+    deepstack_visual_indexes: tuple[int, ...] = ()  # vision layers whose features also feed early text layers
     # image processor: the pixel budget sets the image token count (one token per 32 x 32 pixels)
     min_pixels: int = 4 * 32 * 32
     max_pixels: int = 28 * 32 * 32  # a 4:3 photo becomes 4 x 6 = 24 image tokens
@@ -129,16 +136,16 @@ def corpus_hash(corpus: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def spec_fingerprint(spec: TinyModelSpec, corpus_digest: str, seed: int) -> dict:
+def spec_fingerprint(spec: TinyModelSpec, corpus_digest: str, seed: int | None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "spec": dataclasses.asdict(spec),
+        "spec": json.loads(json.dumps(dataclasses.asdict(spec))),  # as read back from the file: tuples are lists
         "corpus_sha256": corpus_digest,
         "seed": seed,
     }
 
 
-def is_built(out_dir: Path, spec: TinyModelSpec, corpus_digest: str, seed: int) -> bool:
+def is_built(out_dir: Path, spec: TinyModelSpec, corpus_digest: str, seed: int | None) -> bool:
     marker = out_dir / SPEC_FILE
     if not marker.is_file():
         return False
@@ -168,30 +175,53 @@ def build_tiny_base_model(
     digest = corpus_hash(texts)
     if is_built(out_dir, spec, digest, seed):
         return out_dir
-    _check_spec(spec)
+    check_spec(spec)
     with atomic.staged_dir(out_dir) as stage:
         tokenizer = train_tokenizer(texts, spec)
-        tokenizer.save(str(stage / "tokenizer.json"))
-        ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
         vocab_size = tokenizer.get_vocab_size()
-        _write_json(stage / "tokenizer_config.json", _tokenizer_config(ids))
-        _write_json(stage / "special_tokens_map.json", _special_tokens_map())
-        (stage / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-        _write_json(stage / "preprocessor_config.json", _preprocessor_config(spec))
-        _write_json(stage / "video_preprocessor_config.json", _preprocessor_config(spec))
-        _write_json(stage / "processor_config.json", {"processor_class": "Qwen3VLProcessor"})
-        config = model_config(spec, vocab_size, ids)
-        _write_json(stage / "config.json", config)
-        _write_json(
-            stage / "generation_config.json",
-            {"eos_token_id": config["eos_token_id"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False},
-        )
-        _write_weights(stage / "model.safetensors", config, spec, seed)
+        write_model_files(
+            stage, tokenizer, special_tokens=SPECIAL_TOKENS, spec=spec, vocab_size=vocab_size,
+            stand_in_note=STAND_IN_NOTE, seed=seed,
+        )  # fmt: skip
         _write_json(stage / SPEC_FILE, spec_fingerprint(spec, digest, seed) | {"vocab_size": vocab_size})
     return out_dir
 
 
-def _check_spec(spec: TinyModelSpec) -> None:
+def write_model_files(
+    stage: Path,
+    tokenizer,
+    *,
+    special_tokens: tuple[str, ...],
+    spec: TinyModelSpec,
+    vocab_size: int,
+    stand_in_note: str,
+    seed: int | None,
+) -> dict:
+    """Write a Hugging Face model folder's files into `stage` and return its config.
+
+    `tokenizer` is a `tokenizers.Tokenizer` holding `special_tokens`; `vocab_size` is the embedding's row count
+    (at least the tokenizer's size); with `seed` None no weights are written (a config and tokenizer folder).
+    """
+    tokenizer.save(str(stage / "tokenizer.json"))
+    ids = {tok: tokenizer.token_to_id(tok) for tok in special_tokens}
+    _write_json(stage / "tokenizer_config.json", _tokenizer_config(ids))
+    _write_json(stage / "special_tokens_map.json", _special_tokens_map(special_tokens))
+    (stage / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    _write_json(stage / "preprocessor_config.json", _preprocessor_config(spec))
+    _write_json(stage / "video_preprocessor_config.json", _preprocessor_config(spec))
+    _write_json(stage / "processor_config.json", {"processor_class": "Qwen3VLProcessor"})
+    config = model_config(spec, vocab_size, ids) | {"mondrian_stand_in": stand_in_note}
+    _write_json(stage / "config.json", config)
+    _write_json(
+        stage / "generation_config.json",
+        {"eos_token_id": config["eos_token_id"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False},
+    )
+    if seed is not None:
+        _write_weights(stage / "model.safetensors", config, spec, seed)
+    return config
+
+
+def check_spec(spec: TinyModelSpec) -> None:
     if spec.num_heads * spec.head_dim <= 0 or spec.num_heads % spec.num_kv_heads:
         raise ValueError("num_heads must be a positive multiple of num_kv_heads")
     if spec.head_dim % 2 or sum(spec.mrope_section()) != spec.head_dim // 2:
@@ -261,7 +291,7 @@ def train_tokenizer(texts: list[str], spec: TinyModelSpec):
 
 def _tokenizer_config(ids: dict[str, int]) -> dict:
     added = {
-        str(ids[tok]): {
+        str(token_id): {
             "content": tok,
             "lstrip": False,
             "normalized": False,
@@ -269,7 +299,7 @@ def _tokenizer_config(ids: dict[str, int]) -> dict:
             "single_word": False,
             "special": True,
         }
-        for tok in SPECIAL_TOKENS
+        for tok, token_id in ids.items()
     }
     return {
         # The generic fast tokenizer: transformers' Qwen2Tokenizer would rebuild the BPE from vocab/merges and
@@ -299,11 +329,11 @@ def _tokenizer_config(ids: dict[str, int]) -> dict:
     }
 
 
-def _special_tokens_map() -> dict:
+def _special_tokens_map(special_tokens: tuple[str, ...]) -> dict:
     return {
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        "additional_special_tokens": [t for t in special_tokens if t not in ("<|im_end|>", "<|endoftext|>")],
     }
 
 
@@ -347,7 +377,7 @@ def model_config(spec: TinyModelSpec, vocab_size: int, ids: dict[str, int]) -> d
         "tie_word_embeddings": spec.tie_word_embeddings,
         "attention_bias": False,
         "initializer_range": spec.init_std,
-        "dtype": "float32",
+        "dtype": spec.dtype,
     }
     vision = {
         "model_type": "qwen3_vl",
@@ -361,7 +391,7 @@ def model_config(spec: TinyModelSpec, vocab_size: int, ids: dict[str, int]) -> d
         "temporal_patch_size": spec.temporal_patch_size,
         "in_channels": 3,
         "num_position_embeddings": spec.num_position_embeddings,
-        "deepstack_visual_indexes": [],
+        "deepstack_visual_indexes": list(spec.deepstack_visual_indexes),
         "hidden_act": "gelu_pytorch_tanh",
         "initializer_range": spec.init_std,
     }
@@ -379,8 +409,7 @@ def model_config(spec: TinyModelSpec, vocab_size: int, ids: dict[str, int]) -> d
         "pad_token_id": ids["<|endoftext|>"],
         "tie_word_embeddings": spec.tie_word_embeddings,
         "vocab_size": vocab_size,
-        "dtype": "float32",
-        "mondrian_tiny_model": True,
+        "dtype": spec.dtype,
     }
 
 
