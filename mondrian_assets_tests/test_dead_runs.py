@@ -372,3 +372,29 @@ def test_with_the_daemon_a_killed_run_is_failed_by_run_monitoring_and_retried(pr
         logs = [e.user_message for e in instance.all_logs(retry.run_id)]
         assert any(m.startswith("resumed from the checkpoint at step") for m in logs), logs[-20:]
         assert instance.event_log_storage.get_concurrency_info(MLX_POOL).claimed_slots == []
+
+
+@pytest.mark.slow
+def test_a_demo_killed_while_training_leaves_the_pool_as_it_found_it(tmp_path, embedded_base):
+    """`./dev demo` lends the mlx pool a slot per advisor while it trains; killed then (the whole process group,
+    as power loss or the OOM killer of its cgroup would), the next command gives the loan back and fails the
+    dead training runs."""
+    home = tmp_path / "home"
+    shutil.copytree(embedded_base, home / "models" / "base" / embedded_base.name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "DAGSTER_"))}
+    demo = subprocess.Popen([sys.executable, "-m", "mondrian_assets.cli", "demo", "--home", str(home)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list((home / "models" / "adapters").glob(".*.checkpoints/*/step_*")):  # training, slots lent
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo never started training"
+            time.sleep(0.5)
+        assert (home / ".dagster" / LENT_SLOTS_FILE).is_file()
+    finally:
+        _kill_session(demo, signal.SIGKILL)
+    status = subprocess.run([sys.executable, "-m", "mondrian_assets.cli", "status", "--home", str(home)], env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "repaired: gave back the 2 mlx slots" in status.stdout, status.stdout
+    assert "repaired: marked run" in status.stdout and "(train_job, ansel) failed" in status.stdout, status.stdout
+    assert "pool mlx: limit 1 (the instance's default), 0 slot(s) held" in status.stdout, status.stdout

@@ -83,7 +83,8 @@ def test_generate_analyses_on_two_images(base, examples):
 
 def test_run_settings_record_what_a_rerun_needs(tuned):
     settings = inf.run_settings(tuned, max_tokens=64, seed=3, batch_size=4)
-    assert settings["decoding"] == inf.decoding_label(True) and settings["seed"] == 3 and settings["adapter_fused_layers"] > 0
+    assert settings["decoding"] == inf.decoding_label(True, tuned.tokenizer) and settings["seed"] == 3
+    assert settings["adapter_fused_layers"] > 0
     assert settings["dtype"] == "mlx.core.float32" and settings["mlx_vlm"] == "0.7.10"
     json.dumps(settings)
 

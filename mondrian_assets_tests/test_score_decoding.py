@@ -95,10 +95,60 @@ class _DigitTokenizer:
         return [self.pieces.index(text)] if text in self.pieces else [self.pieces.index(c) for c in text]
 
 
-def test_a_tokenizer_that_spells_scores_digit_by_digit_stays_greedy():
+def _digit_belief(digits: _DigitTokenizer, weights: dict[str, float]) -> np.ndarray:
+    row = np.full(len(digits.pieces), -30.0, np.float32)
+    for piece, p in weights.items():
+        row[digits.pieces.index(piece)] = math.log(p)
+    return row - np.log(np.exp(row).sum())
+
+
+def _model_torn_between_9_and_10(digits: _DigitTokenizer):
+    """A look-ahead whose model, after `"score":`, writes 9 or 10 (each then ends the number with `}`)."""
+    after = {("1",): {"0": 1.0}, ("1", "0"): {"}": 1.0}, ("9",): {"}": 1.0}}
+
+    def look_ahead(rows: np.ndarray) -> mx.array:
+        out = np.zeros((*rows.shape, len(digits.pieces)), np.float32)
+        for r, row in enumerate(rows):
+            for k in range(rows.shape[1]):
+                prefix = tuple(digits.pieces[i] for i in row[: k + 1])
+                out[r, k] = _digit_belief(digits, after.get(prefix, {"5": 0.5, "}": 0.5}))
+        return mx.array(out)
+
+    return look_ahead
+
+
+def test_without_a_look_ahead_a_digit_by_digit_tokenizer_stays_greedy():
     digits = _DigitTokenizer()
-    belief = np.full((1, len(digits.pieces)), -30.0, np.float32)
-    belief[0, digits.pieces.index("9")] = belief[0, digits.pieces.index("1")] = 0.0  # 9 or 10: "1" starts "10"
+    belief = mx.array(_digit_belief(digits, {"9": 0.5, "1": 0.5})[None, :])  # 9 or 10: "1" starts "10"
     processor = ExpectedScore(digits)
-    out = _feed(processor, digits, '"score":', mx.array(belief))
-    assert np.array_equal(np.array(out), belief) and processor.chosen == 0  # never the mean of 9 and 1
+    out = _feed(processor, digits, '"score":', belief)
+    assert mx.array_equal(out, belief).item() and processor.chosen == 0  # never the mean of 9 and 1
+
+
+def test_a_digit_by_digit_score_is_the_value_nearest_the_expectation_of_whole_values():
+    """Qwen's tokenizer writes 10 as 1, 0: the look-ahead scores each value's whole sequence, so a belief split
+    between 9 and 10 writes 9.5 (not 5, the mean of 9 and the first digit 1), token by token, then closes it."""
+    digits = _DigitTokenizer()
+    belief = mx.array(_digit_belief(digits, {"9": 0.5, "1": 0.5})[None, :])
+    processor = ExpectedScore(digits, _model_torn_between_9_and_10(digits))
+    written = []
+    out = _feed(processor, digits, '"score":', belief)
+    for _ in range(4):
+        row = np.array(out.reshape(-1))
+        if np.isfinite(row).sum() != 1:
+            break
+        written.append(digits.pieces[int(np.argmax(row))])
+        out = processor(mx.array([digits.pieces.index(written[-1])]), belief)
+    assert "".join(written) == "9.5" and processor.chosen == 1
+    closed = np.array(out.reshape(-1))  # after the value: no digit or point may continue the number
+    assert all(np.isneginf(closed[digits.pieces.index(p)]) for p in "0123456789.")
+    assert np.isfinite(closed[digits.pieces.index("}")])
+
+
+def test_a_digit_by_digit_value_the_mask_forbids_is_never_written():
+    digits = _DigitTokenizer()
+    belief = _digit_belief(digits, {"9": 0.5, "1": 0.5})[None, :]
+    belief[0, digits.pieces.index("9")] = -math.inf  # a grammar that allows no 9-something here
+    processor = ExpectedScore(digits, _model_torn_between_9_and_10(digits))
+    out = np.array(_feed(processor, digits, '"score":', mx.array(belief)).reshape(-1))
+    assert digits.pieces[int(np.argmax(out))] == "1" and np.isfinite(out).sum() == 1  # 1-something: 10, 1 or 1.5

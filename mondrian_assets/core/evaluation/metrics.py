@@ -163,6 +163,7 @@ class ModelMetrics:
     decode_s_per_token: float | None
     output_chars_mean: float | None
     output_tokens_mean: float | None
+    score_values_by_rule: int = 0  # written by the expected-value rule, over every output
     finish_reasons: dict[str, int] = field(default_factory=dict)
     error_codes: dict[str, int] = field(default_factory=dict)
 
@@ -205,6 +206,7 @@ def model_metrics(examples: Sequence[EvalExample], generations: Sequence[Generat
         decode_s_per_token=1.0 / decode_tps if decode_tps else None,
         output_chars_mean=_mean([len(g.text) for g in generations]),
         output_tokens_mean=_mean([g.generation_tokens for g in generations]),
+        score_values_by_rule=sum(g.score_values_by_rule for g in generations),
         finish_reasons=dict(Counter(g.finish_reason for g in generations)),
         error_codes=dict(Counter(p.error for p in parsed if p.error is not None)),
     )

@@ -123,10 +123,11 @@ def evaluate_in_process(
     # One model in memory at a time for the long generations (two 4B models would not fit a small Mac); both
     # only while the overhead is timed, interleaved on a few prompts.
     base = load_for_inference(base_model, None)
+    decoding = decoding_label(settings.expected_scores, base.tokenizer)
     max_tokens = settings.max_tokens or max_tokens_for(base, [e.reference for e in examples])
 
     def generate(label: str, loaded: LoadedModel) -> list[Generation]:
-        log(f"{label}: generating {len(examples)} analyses ({decoding_label(settings.expected_scores)}, "
+        log(f"{label}: generating {len(examples)} analyses ({decoding}, "
             f"max {max_tokens} tokens, batch {settings.batch_size})")
         return generate_analyses(loaded, examples, max_tokens=max_tokens, seed=settings.seed,
                                  batch_size=settings.batch_size, expected_scores=settings.expected_scores)  # fmt: skip
@@ -165,7 +166,7 @@ def evaluate_in_process(
         base_model=base_model,
         lora_path=adapter_dir,
         validation_data=val_json,
-        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": decoding_label(settings.expected_scores)},
+        settings=asdict(settings) | {"max_tokens": max_tokens, "decoding": decoding},
         chart_png=chart,
     )
     return EvalOutcome(comparison, gates, text, paths, chart, len(examples), max_tokens or 0)

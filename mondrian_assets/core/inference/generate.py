@@ -5,7 +5,7 @@
 - The adapter is verified (every saved tensor must land on a model parameter, so a mismatched adapter cannot
   silently leave the base model in place) and then fused into the weights: unfused LoRA decodes far slower.
 - Decoding is greedy by default and seeded, except score values: with `expected_scores` (the default) each is the
-  score token nearest the expected value of the model's belief (`score_decoding`). A loop guard stops an output
+  allowed value nearest the expected value of the model's belief (`score_decoding`). A loop guard stops an output
   once its tail repeats (`records.TOKEN_LOOP_RULE`), so a looping model costs seconds, not `max_tokens`.
 - `batch_size > 1` uses mlx-vlm's `batch_generate` (same greedy tokens as one-by-one on Qwen3-VL, see
   bench/bench_batched_generation.py); latency per example is then the batch's wall time.
@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from mondrian_assets.core import schema
 from mondrian_assets.core.inference.loading import LoadedModel
 from mondrian_assets.core.inference.records import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule, ends_in_loop
-from mondrian_assets.core.inference.score_decoding import ExpectedScore
+from mondrian_assets.core.inference.score_decoding import LOOK_AHEAD, ExpectedScore, cache_look_ahead, score_rule
 
 # --- examples ------------------------------------------------------------------------------------------------
 
@@ -137,11 +137,18 @@ class LoopGuard:
 
 # --- generation ----------------------------------------------------------------------------------------------
 
-def decoding_label(expected_scores: bool, temperature: float = 0.0) -> str:
+def decoding_label(expected_scores: bool, tokenizer: Any, temperature: float = 0.0) -> str:
     """How generation decoded, as evaluation reports it and the registry keys cached evaluations by (outcomes
-    decoded another way never compare)."""
+    decoded another way never compare). It names the score rule `tokenizer` gets, and says greedy where it gets
+    none."""
     tokens = "greedy" if temperature == 0 else f"sampled at temperature {temperature}"
-    return tokens + ("; score values: the expected value of the model's belief" if expected_scores else "")
+    if not expected_scores:
+        return tokens
+    rule = score_rule(tokenizer)
+    if rule is None:
+        return tokens + "; score values: greedy too (this tokenizer's numbers allow no expected-value rule)"
+    return tokens + "; score values: the expected value of the model's belief" + (
+        " (each value's tokens looked ahead)" if rule == LOOK_AHEAD else "")  # fmt: skip
 
 
 def _one(
@@ -169,9 +176,13 @@ def generate_one(
     """One analysis for one image, with the loop guard; `logits_processors` (e.g. serving's grammar mask) see
     every step's logits, before score values are chosen."""
     from mlx_vlm import stream_generate
+    from mlx_vlm.models.cache import make_prompt_cache
 
+    # our own KV cache, so that a score value's look-ahead can continue from it (on copies)
+    prompt_cache = make_prompt_cache(loaded.model.language_model)
+    scores = ExpectedScore(loaded.tokenizer, cache_look_ahead(loaded.model.language_model, prompt_cache))
     if expected_scores:
-        logits_processors = [*logits_processors, ExpectedScore(loaded.tokenizer)]
+        logits_processors = [*logits_processors, scores]
     mx.random.seed(seed)
     _reset_stopping(loaded)
     tokens: list[int] = []
@@ -185,6 +196,7 @@ def generate_one(
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
+        prompt_cache=prompt_cache,
         **({"logits_processors": list(logits_processors)} if logits_processors else {}),
     )
     for response in stream:
@@ -201,7 +213,8 @@ def generate_one(
             break
     stream.close()
     latency = time.perf_counter() - tic
-    return Generation(_detokenize(loaded, tokens), latency, prompt_tokens, prompt_tps, len(tokens), gen_tps, reason)
+    return Generation(_detokenize(loaded, tokens), latency, prompt_tokens, prompt_tps, len(tokens), gen_tps, reason,
+                      score_values_by_rule=scores.chosen)  # fmt: skip
 
 
 def _prompt_token_count(loaded: LoadedModel, example: EvalExample) -> int:
@@ -228,6 +241,7 @@ def _batch(
     mx.random.seed(seed)
     _reset_stopping(loaded)
     guards = [LoopGuard(eos_ids(loaded)[0], rule) for _ in examples]
+    scores = [ExpectedScore(loaded.tokenizer) for _ in examples]
     kwargs: dict[str, Any] = {"sampler": make_sampler(temp=temperature)} if temperature > 0 else {}
     tic = time.perf_counter()
     result = batch_generate(
@@ -236,14 +250,14 @@ def _batch(
         images=[str(e.image_path) for e in examples],
         prompts=[e.prompt for e in examples],  # batch_generate applies the chat template itself
         max_tokens=max_tokens,
-        logits_processors=[[g, ExpectedScore(loaded.tokenizer)] if expected_scores else [g] for g in guards],
+        logits_processors=[[g, e] if expected_scores else [g] for g, e in zip(guards, scores, strict=True)],
         **kwargs,
     )
     latency = time.perf_counter() - tic
     stats = result.stats
     out = []
     eos = set(eos_ids(loaded))
-    for example, text, guard in zip(examples, result.texts, guards, strict=True):
+    for example, text, guard, score in zip(examples, result.texts, guards, scores, strict=True):
         # the guard saw every emitted token, the stopping EOS included
         stopped = bool(guard.tokens) and guard.tokens[-1] in eos
         n_tokens = len(guard.tokens) - stopped
@@ -258,6 +272,7 @@ def _batch(
                 generation_tps=float(stats.generation_tps),
                 finish_reason=reason,
                 batched=True,
+                score_values_by_rule=score.chosen,
             )
         )
     return out
@@ -286,7 +301,7 @@ def run_settings(
 
     first = next(v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     return {
-        "decoding": decoding_label(expected_scores, temperature),
+        "decoding": decoding_label(expected_scores, loaded.tokenizer, temperature),
         "max_tokens": max_tokens,
         "seed": seed,
         "batch_size": batch_size,
@@ -320,7 +335,10 @@ def generate_analyses(
         return []
     if warmup:
         _one(loaded, examples[0], min(8, max_tokens), temperature, seed, loop_rule, expected_scores)
-    batched = batch_size > 1 and all(_batch_prompt_matches(loaded, p) for p in {e.prompt for e in examples})
+    # a look-ahead continues a sequence's own KV cache, which mlx-vlm's batch path does not hand out
+    looks_ahead = expected_scores and score_rule(loaded.tokenizer) == LOOK_AHEAD
+    batched = batch_size > 1 and not looks_ahead and all(
+        _batch_prompt_matches(loaded, p) for p in {e.prompt for e in examples})  # fmt: skip
     step = batch_size if batched else 1
     out: list[Generation] = []
     for start in range(0, len(examples), step):

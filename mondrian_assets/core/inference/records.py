@@ -34,6 +34,7 @@ class Generation:
     generation_tps: float
     finish_reason: str = "stop"
     batched: bool = False
+    score_values_by_rule: int = 0  # score values the expected-value rule wrote (the rest of the text is greedy)
 
 
 # --- repetition ----------------------------------------------------------------------------------------------
