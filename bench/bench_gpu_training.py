@@ -52,6 +52,9 @@ VARIANTS = [
     # the padded ids (not the model's input) a multiple of 64, as before the input was aligned for cuDNN
     Variant("b2-unaligned", 2, options={"align_input": False, "length_multiple": 64}),
     Variant("b4-unaligned", 4, options={"align_input": False, "length_multiple": 64}),
+    # the app's example length with Qwen's tokenizer: prompt ~220, an 800 px photo ~475 image tokens, answer ~600
+    Variant("app-b4", 4, seq=1300),
+    Variant("app-b8", 8, seq=1300),
     Variant("b4-lora-fp32", 4, options={"lora_in_activation_dtype": False}),
     Variant("b4-full-vocab", 4, options={"answer_only_projection": False}),
     Variant("b4-upcast-logits", 4, options={"upcast_logits": True}),

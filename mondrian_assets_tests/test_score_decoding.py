@@ -152,3 +152,55 @@ def test_a_digit_by_digit_value_the_mask_forbids_is_never_written():
     processor = ExpectedScore(digits, _model_torn_between_9_and_10(digits))
     out = np.array(_feed(processor, digits, '"score":', mx.array(belief)).reshape(-1))
     assert digits.pieces[int(np.argmax(out))] == "1" and np.isfinite(out).sum() == 1  # 1-something: 10, 1 or 1.5
+
+
+class _Probe:
+    """A logits processor that, at its third call, looks ahead over two rows, then forces the first row's tokens
+    and records the log-probabilities generation itself computes after each of them."""
+
+    def __init__(self, look_ahead, rows: np.ndarray) -> None:
+        self.look_ahead, self.rows, self.calls = look_ahead, rows, 0
+        self.predicted: np.ndarray | None = None
+        self.seen: list[np.ndarray] = []
+
+    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        self.calls += 1
+        if self.predicted is not None and len(self.seen) < self.rows.shape[1]:
+            self.seen.append(np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True)).reshape(-1)))
+        if self.calls == 3:
+            self.predicted = np.array(self.look_ahead(self.rows))
+        forced = self.calls - 3
+        if self.predicted is not None and 0 <= forced < self.rows.shape[1]:
+            only = mx.arange(logits.shape[-1]) == int(self.rows[0, forced])
+            return mx.where(only, mx.zeros_like(logits), mx.full(logits.shape, -math.inf, logits.dtype))
+        return logits
+
+
+@pytest.mark.parametrize("base", ["embedded_base", "qwen_vocab_base"])
+def test_the_look_ahead_predicts_what_generation_computes_next(base, request, pristine_demo):
+    """The look-ahead continues the generation's state on copies of its KV cache (positions included): its
+    log-probabilities for a row are those generation computes after feeding that row, which it could not be if
+    the look-ahead had written to the generation's own cache."""
+    from mlx_vlm import stream_generate
+    from mlx_vlm.models.cache import make_prompt_cache
+
+    from mondrian_assets.core import schema
+    from mondrian_assets.core.inference.generate import formatted_prompt
+    from mondrian_assets.core.inference.loading import load_for_inference
+    from mondrian_assets.core.inference.score_decoding import cache_look_ahead
+
+    loaded = load_for_inference(str(request.getfixturevalue(base)), None)
+    image = str(next((pristine_demo.app_dir / "source").glob("*.jpg")))
+    prompt = formatted_prompt(loaded, schema.build_prompt("You critique photographs.", "You are Ansel.", "JSON."))
+    ids = loaded.tokenizer.encode('7.5,"score":10 in the light of the day', add_special_tokens=False)
+    rows = np.array([ids[:3], ids[3:6]], np.int32)
+
+    cache = make_prompt_cache(loaded.model.language_model)
+    processor = _Probe(cache_look_ahead(loaded.model.language_model, cache), rows)
+    stream = stream_generate(loaded.model, loaded.processor, prompt, image=[image], max_tokens=10,
+                             prompt_cache=cache, logits_processors=[processor])  # fmt: skip
+    probed = [int(r.token) for r in stream if r.token is not None]
+    assert processor.predicted.shape[:2] == rows.shape and len(processor.seen) == rows.shape[1]
+    for k, seen in enumerate(processor.seen):
+        np.testing.assert_allclose(processor.predicted[0, k], seen, atol=2e-4)
+    assert probed[2 : 2 + rows.shape[1]] == rows[0].tolist()

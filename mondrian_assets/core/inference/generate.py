@@ -172,15 +172,16 @@ def generate_one(
     loop_rule: LoopRule = TOKEN_LOOP_RULE,
     logits_processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
     expected_scores: bool = True,
+    score_decoder: type[ExpectedScore] = ExpectedScore,
 ) -> Generation:
     """One analysis for one image, with the loop guard; `logits_processors` (e.g. serving's grammar mask) see
-    every step's logits, before score values are chosen."""
+    every step's logits, before score values are chosen (by `score_decoder`, which a benchmark may replace)."""
     from mlx_vlm import stream_generate
     from mlx_vlm.models.cache import make_prompt_cache
 
     # our own KV cache, so that a score value's look-ahead can continue from it (on copies)
     prompt_cache = make_prompt_cache(loaded.model.language_model)
-    scores = ExpectedScore(loaded.tokenizer, cache_look_ahead(loaded.model.language_model, prompt_cache))
+    scores = score_decoder(loaded.tokenizer, cache_look_ahead(loaded.model.language_model, prompt_cache))
     if expected_scores:
         logits_processors = [*logits_processors, scores]
     mx.random.seed(seed)

@@ -138,11 +138,15 @@ class ExpectedScore:
         if self._close_number:
             self._close_number = False
             return logits.at[..., mx.array(self.vocabulary.continuing)].add(-math.inf)
-        if not self.active or not _AFTER_SCORE_KEY.search(self.tokenizer.decode(self.tokens[-_TAIL_TOKENS:])):
+        if not self.active or not self.at_score_value():
             return logits
         if self.vocabulary.rule == ONE_TOKEN:
             return self._one_token(logits)
         return self._looked_ahead(logits)
+
+    def at_score_value(self) -> bool:
+        """Whether the answer so far has just written a score key."""
+        return bool(_AFTER_SCORE_KEY.search(self.tokenizer.decode(self.tokens[-_TAIL_TOKENS:])))
 
     def _one_token(self, logits: mx.array) -> mx.array:
         scores = np.array(logits.reshape(-1)[self._ids].astype(mx.float32))
