@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from mondrian_assets_tests.service_helpers import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -39,12 +40,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -63,7 +58,7 @@ def _wait_until_serving(url: str, server: subprocess.Popen, log: Path, timeout_s
 @pytest.fixture
 def ui_server(tmp_path):
     """`mondrian-assets ui` on a free port of 127.0.0.1, on a fresh home (it generates the demo app there)."""
-    home, port = tmp_path / "home", _free_port()
+    home, port = tmp_path / "home", free_port()
     log = tmp_path / "ui.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "DAGSTER_"))}
     with log.open("w") as out:

@@ -26,6 +26,7 @@ from mondrian_assets.defs.executor import repairing_in_process_executor
 from mondrian_assets.defs.run_launcher import WorkerCheckingRunLauncher
 from mondrian_assets.defs.run_workers import LENT_SLOTS_FILE, MLX_POOL, WORKER_TAG, pool_holders, repair_instance
 from mondrian_assets.project_instance import INSTANCE_TEMPLATE
+from mondrian_assets_tests.service_helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -296,12 +297,6 @@ def test_a_materialize_killed_mid_training_resumes_on_the_next_start(project, mo
     assert max(r["step"] for r in rows) == TRAINING["iters"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch_from_the_ui(port: int, project) -> str:
     """What Materialize in the web UI does: a queued run of lora_adapter for ansel, started by the daemon."""
     from dagster_graphql import DagsterGraphQLClient
@@ -339,7 +334,7 @@ def test_with_the_daemon_a_killed_run_is_failed_by_run_monitoring_and_retried(pr
     """Power loss mid-training under `dagster dev`: the web server, the daemon, the code server and the run worker
     all die at once. The next `dagster dev` marks the run failed (run monitoring), frees its slot, and launches a
     retry that resumes from the checkpoint."""
-    port = _free_port()
+    port = free_port()
     first = _dagster_dev(project, port)
     try:
         run_id = _launch_from_the_ui(port, project)
@@ -352,7 +347,7 @@ def test_with_the_daemon_a_killed_run_is_failed_by_run_monitoring_and_retried(pr
     (killed,) = [r for r in _runs(project) if r.run_id == run_id]
     assert killed.status == dg.DagsterRunStatus.STARTED and WORKER_TAG in killed.tags
 
-    second = _dagster_dev(project, _free_port())
+    second = _dagster_dev(project, free_port())
     try:
         deadline = time.monotonic() + 300
         while True:

@@ -3,11 +3,9 @@ embedded model with real (tiny, quickly trained) adapters, the usage rows read b
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,13 +13,10 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.data import app_db
@@ -31,14 +26,9 @@ from mondrian_assets.core.serving.routing import ServiceMode, route
 from mondrian_assets.core.state_db import state_engine
 from mondrian_assets.core.training.config import TrainConfig
 from mondrian_assets.core.training.loop import train_lora
+from mondrian_assets_tests.service_helpers import Service, jpeg_bytes, launch_service
 
 # --- fixtures: adapters, versions, a running service ------------------------------------------------------------
-
-
-def _jpeg(seed: int, size=(96, 72)) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 def _ansel_prompt(app_dir: Path) -> str:
@@ -55,7 +45,7 @@ def adapters(tmp_path_factory, embedded_base, pristine_demo) -> dict[str, Path]:
     rows = []
     for i in range(8):
         image = root / f"{i}.jpg"
-        image.write_bytes(_jpeg(i))
+        image.write_bytes(jpeg_bytes(i))
         dims = tuple(schema.Dimension(n, float(3 + (i + k) % 6), f"{n} reads well.", "Keep it.")
                      for k, n in enumerate(schema.DIMENSION_NAMES[:7]))  # fmt: skip
         answer = schema.canonical_json(schema.Analysis(f"Scene {i}.", dims, float(4 + i % 5), ("Light",), ("Focus",), "Zone V."))
@@ -92,61 +82,17 @@ def home(tmp_path_factory, adapters) -> Path:
     return home
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen
-    home: Path
-
-    def post(self, image: bytes, timeout: float = 120, **fields) -> requests.Response:
-        """The app's job service's call: part `image` (named like its uploads, no content type) and form fields."""
-        return requests.post(f"{self.url}/analyze", files={"image": ("0b7c7e0e_photo.jpg", image)}, data=fields,
-                             timeout=timeout)  # fmt: skip
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health", timeout=10).json()
-
-    def usage_rows(self) -> list[dict]:
-        with sqlite3.connect(self.home / "mondrian_assets.db") as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM model_usage ORDER BY id")]
-
-
 @pytest.fixture(scope="module")
 def start_service(embedded_base, pristine_demo, home) -> Iterator:
-    started: list[subprocess.Popen] = []
+    started: list[Service] = []
 
     def start(*options: str) -> Service:
-        port = _free_port()
-        argv = [sys.executable, "-m", "mondrian_assets.cli", "serve", "--port", str(port), "--home", str(home),
-                "--app-dir", str(pristine_demo.app_dir), "--base-model", str(embedded_base), *options]  # fmt: skip
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started.append(process)
-        service = Service(f"http://127.0.0.1:{port}", process, home)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the app's start-up loop: poll /health until 200 UP
-            assert process.poll() is None, process.stdout.read()
-            try:
-                answer = requests.get(f"{service.url}/health", timeout=2)
-                if answer.status_code == 200 and answer.json()["status"] == "UP":
-                    return service
-                assert answer.status_code == 202 and answer.json()["status"] == "loading"
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("the service did not come up within 120 s")
+        started.append(launch_service(home, pristine_demo.app_dir, embedded_base, *options))
+        return started[-1]
 
     yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+    for service in started:
+        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +112,7 @@ def test_health_names_the_base_the_mode_and_each_advisors_active_version(service
 
 
 def test_each_mode_answers_with_the_model_it_names(service):
-    image = _jpeg(100)
+    image = jpeg_bytes(100)
     tuned = service.post(image, advisor="ansel", mode="baseline", enable_rag="false")  # what the app sends
     assert tuned.status_code == 200
     body = tuned.json()
@@ -194,19 +140,19 @@ def test_each_mode_answers_with_the_model_it_names(service):
 
 def test_ab_arm_follows_the_job_id_and_repeats(service):
     jobs = [f"job-{i}" for i in range(10)]
-    first = {j: service.post(_jpeg(200 + i), advisor="ansel", job_id=j, mode="ab_test").json() for i, j in enumerate(jobs)}
+    first = {j: service.post(jpeg_bytes(200 + i), advisor="ansel", job_id=j, mode="ab_test").json() for i, j in enumerate(jobs)}
     for job, body in first.items():
         assert body["model_used"] == route(ServiceMode.AB_TEST, None, job, 0.5).model
         assert body["job_id"] == job and body["mode"] == "ab_test" and 0 <= body["arm_draw"] < 1
-    again = service.post(_jpeg(999), advisor="ansel", job_id=jobs[0], mode="ab_test").json()
+    again = service.post(jpeg_bytes(999), advisor="ansel", job_id=jobs[0], mode="ab_test").json()
     assert again["model_used"] == first[jobs[0]]["model_used"]
     assert {b["model_used"] for b in first.values()} == {"base", "fine_tuned"}  # both arms met in 10 jobs
 
 
 def test_fine_tuned_without_an_active_version_is_refused_not_substituted(service):
-    refused = service.post(_jpeg(1), advisor="watkins")
+    refused = service.post(jpeg_bytes(1), advisor="watkins")
     assert refused.status_code == 409 and refused.json()["error"] == "no_active_version"
-    assert service.post(_jpeg(1), advisor="watkins", mode="base").json()["model_used"] == "base"
+    assert service.post(jpeg_bytes(1), advisor="watkins", mode="base").json()["model_used"] == "base"
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
@@ -226,12 +172,12 @@ def _png_bomb() -> bytes:
 def test_bad_requests_are_refused_with_a_reason_and_still_counted(service):
     before = len(service.usage_rows())
     cases = [
-        (service.post(_jpeg(1), advisor="nobody"), 404, "unknown_advisor"),
-        (service.post(_jpeg(1)[:2000], advisor="ansel"), 400, "corrupt_image"),
+        (service.post(jpeg_bytes(1), advisor="nobody"), 404, "unknown_advisor"),
+        (service.post(jpeg_bytes(1)[:2000], advisor="ansel"), 400, "corrupt_image"),
         (service.post(b"just text, not a picture", advisor="ansel"), 415, "not_an_image"),
         (service.post(_png_bomb(), advisor="ansel"), 413, "too_many_pixels"),
-        (service.post(_jpeg(1, size=(1400, 1000)) + os.urandom(1_100_000), advisor="ansel"), 413, "request_too_large"),
-        (requests.post(f"{service.url}/analyze", files={"photo": ("a.jpg", _jpeg(1))}, data={"advisor": "ansel"},
+        (service.post(jpeg_bytes(1, size=(1400, 1000)) + os.urandom(1_100_000), advisor="ansel"), 413, "request_too_large"),
+        (requests.post(f"{service.url}/analyze", files={"photo": ("a.jpg", jpeg_bytes(1))}, data={"advisor": "ansel"},
                        timeout=10), 400, "no_image"),  # fmt: skip
         (requests.post(f"{service.url}/analyze", json={"advisor": "ansel"}, timeout=10), 415, "not_multipart"),
     ]
@@ -240,12 +186,12 @@ def test_bad_requests_are_refused_with_a_reason_and_still_counted(service):
     rows = service.usage_rows()[before:]
     assert [(r["http_status"], r["error"].split(":")[0]) for r in rows] == [(s, c) for _, s, c in cases]
     assert all(r["model_used"] is None for r in rows)
-    assert service.post(_jpeg(2), advisor="ansel").status_code == 200  # and the service is unharmed
+    assert service.post(jpeg_bytes(2), advisor="ansel").status_code == 200  # and the service is unharmed
 
 
 def test_every_request_is_one_usage_row_written_before_the_answer(service):
     before = len(service.usage_rows())
-    bodies = [service.post(_jpeg(300 + i), advisor="ansel", mode=m).json() for i, m in enumerate(["base", "fine_tuned", "x"])]
+    bodies = [service.post(jpeg_bytes(300 + i), advisor="ansel", mode=m).json() for i, m in enumerate(["base", "fine_tuned", "x"])]
     rows = service.usage_rows()[before:]
     assert [r["id"] for r in rows] == [b["usage_id"] for b in bodies]
     for row, body in zip(rows, bodies, strict=True):
@@ -271,7 +217,7 @@ def test_usage_command_summarizes_the_rows(service):
 
 
 def test_deploy_and_rollback_switch_the_next_request_without_failing_running_ones(service):
-    image = _jpeg(400)
+    image = jpeg_bytes(400)
     answers: list[dict] = []
     stop = threading.Event()
 
@@ -320,12 +266,12 @@ def test_a_version_whose_files_no_longer_match_the_registry_is_not_served_under_
     weights.write_bytes((adapters["shaped"] / "adapters.safetensors").read_bytes())  # tampered after registration
     _deploy(service.home, version.number)
     try:
-        refused = service.post(_jpeg(450), advisor="ansel")
+        refused = service.post(jpeg_bytes(450), advisor="ansel")
         assert refused.status_code == 500 and "content hash differs" in refused.json()["message"]
         assert service.usage_rows()[-1]["version"] is None  # the row does not claim a version either
     finally:
         _rollback(service.home, to=1)
-    assert service.post(_jpeg(450), advisor="ansel").json()["version"] == 1
+    assert service.post(jpeg_bytes(450), advisor="ansel").json()["version"] == 1
 
 
 # --- crashes --------------------------------------------------------------------------------------------------
@@ -334,7 +280,7 @@ def test_a_version_whose_files_no_longer_match_the_registry_is_not_served_under_
 def test_a_killed_worker_fails_its_request_only_and_the_next_one_works(service):
     pid = service.health()["workers"]["worker_pids"][0]
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(service.post, _jpeg(500), advisor="ansel", mode="base")
+        running = pool.submit(service.post, jpeg_bytes(500), advisor="ansel", mode="base")
         deadline = time.monotonic() + 30
         while service.health()["workers"]["busy"] == 0:
             assert time.monotonic() < deadline
@@ -343,7 +289,7 @@ def test_a_killed_worker_fails_its_request_only_and_the_next_one_works(service):
         response = running.result()
     assert response.status_code == 500 and response.json()["error"] == "worker_died"
     assert "SIGKILL" in service.usage_rows()[-1]["error"]
-    after = service.post(_jpeg(501), advisor="ansel", mode="base")  # waits for the replacement worker
+    after = service.post(jpeg_bytes(501), advisor="ansel", mode="base")  # waits for the replacement worker
     assert after.status_code == 200
     workers = service.health()["workers"]
     assert workers["restarts"] == 1 and pid not in workers["worker_pids"]
@@ -362,7 +308,7 @@ def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_activ
     first_new_id = max((r["id"] for r in victim.usage_rows()), default=0) + 1
     workers = victim.health()["workers"]["worker_pids"]
     with ThreadPoolExecutor(4) as pool:
-        posts = [pool.submit(victim.post, _jpeg(700 + i), advisor="ansel", job_id=f"kill-{i}") for i in range(8)]
+        posts = [pool.submit(victim.post, jpeg_bytes(700 + i), advisor="ansel", job_id=f"kill-{i}") for i in range(8)]
         deadline = time.monotonic() + 120
         while not any(p.done() for p in posts):  # kill -9 while some answers are out and others running or queued
             assert time.monotonic() < deadline
@@ -390,7 +336,7 @@ def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_activ
     restarted = start_service("--mode", "fine_tuned", "--max-tokens", "64")
     assert restarted.health()["advisors"]["ansel"]["active_version"] == 1
     before = answered[0]
-    again = restarted.post(_jpeg(700 + int(before["job_id"].split("-")[1])), advisor="ansel", job_id=before["job_id"])
+    again = restarted.post(jpeg_bytes(700 + int(before["job_id"].split("-")[1])), advisor="ansel", job_id=before["job_id"])
     assert again.status_code == 200 and again.json()["version"] == 1
     assert again.json()["full_response"] == before["full_response"]  # the same version's same (greedy) answer
 
@@ -402,7 +348,7 @@ def test_a_full_queue_answers_503_and_shutdown_finishes_running_work_and_fails_q
     """One worker, one queue slot. The worker is paused (SIGSTOP) while it holds a request, so the request stays
     running however fast the machine is."""
     slow = start_service("--mode", "base", "--max-tokens", "64", "--max-waiting", "1", "--missing-version", "base")
-    fallback = slow.post(_jpeg(600), advisor="watkins", mode="fine_tuned").json()  # configured fallback: said so
+    fallback = slow.post(jpeg_bytes(600), advisor="watkins", mode="fine_tuned").json()  # configured fallback: said so
     assert fallback["model_used"] == "base" and "no active fine-tuned version" in fallback["note"]
     before = len(slow.usage_rows())
     worker = slow.health()["workers"]["worker_pids"][0]
@@ -414,13 +360,13 @@ def test_a_full_queue_answers_503_and_shutdown_finishes_running_work_and_fails_q
             time.sleep(0.02)
 
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(slow.post, _jpeg(601), advisor="ansel")
+        running = pool.submit(slow.post, jpeg_bytes(601), advisor="ansel")
         wait_for(1, 0)
         os.kill(worker, signal.SIGSTOP)
         try:
-            queued = pool.submit(slow.post, _jpeg(602), advisor="ansel")
+            queued = pool.submit(slow.post, jpeg_bytes(602), advisor="ansel")
             wait_for(1, 1)
-            refused = slow.post(_jpeg(603), advisor="ansel")
+            refused = slow.post(jpeg_bytes(603), advisor="ansel")
             assert refused.status_code == 503 and refused.json()["error"] == "saturated"
             slow.process.send_signal(signal.SIGTERM)
             assert queued.result().status_code == 503 and queued.result().json()["error"] == "unavailable"

@@ -31,6 +31,7 @@ class ConstrainedCompliance:
     valid_constrained: int
     cut_off: int  # constrained answers that ran out of tokens (or looped) before the grammar's end
     timing: OverheadMeasurement | None
+    score_values_by_rule: int = 0  # written by the expected-value rule in the re-decoded answers
 
     @property
     def decode_speed_ratio(self) -> float | None:
@@ -48,6 +49,7 @@ class ConstrainedCompliance:
             "accepted_as_is": self.accepted_as_is,
             "redecoded": self.redecoded,
             "cut_off": self.cut_off,
+            "score_values_by_rule_redecoded": self.score_values_by_rule,
             "decode_speed_ratio": self.decode_speed_ratio,
             "timing_noise": self.timing.noise if self.timing is not None else None,
             "timed_pairs": self.timing.pairs if self.timing is not None else 0,
@@ -101,4 +103,5 @@ def constrained_compliance(
         + sum(_valid(g.text) for g in redone),
         cut_off=sum(g.finish_reason != "stop" for g in redone),
         timing=timing,
+        score_values_by_rule=sum(g.score_values_by_rule for g in redone),
     )

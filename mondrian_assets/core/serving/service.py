@@ -281,6 +281,8 @@ class AdvisorService:
             "arm_draw": row.arm_draw,
             "constrained": row.constrained,
             "grammar_corrections": result.grammar_corrections,
+            "decoding": result.decoding,
+            "score_values_by_rule": result.score_values_by_rule,
             "finish_reason": result.finish_reason,
             "generation_tokens": result.generation_tokens,
             "note": row.note,

@@ -49,6 +49,8 @@ class JobResult:
     finish_reason: str
     grammar_corrections: int | None  # steps where the grammar overrode the model's own greedy choice
     seconds: float
+    score_values_by_rule: int  # score values the expected-value rule wrote
+    decoding: str  # how it decoded (`generate.decoding_label`): the score rule, or greedy where none applies
 
 
 class _Models:
@@ -85,7 +87,7 @@ class _Models:
         return loaded
 
     def run(self, job: Job) -> JobResult:
-        from mondrian_assets.core.inference.generate import eos_ids, generate_one
+        from mondrian_assets.core.inference.generate import decoding_label, eos_ids, generate_one
 
         loaded = self.get(job.adapter_path, job.adapter_hash)
         mask = None
@@ -111,6 +113,8 @@ class _Models:
             finish_reason=generation.finish_reason,
             grammar_corrections=mask.corrections if mask is not None else None,
             seconds=generation.latency_s,
+            score_values_by_rule=generation.score_values_by_rule,
+            decoding=decoding_label(True, loaded.tokenizer),
         )
 
 
