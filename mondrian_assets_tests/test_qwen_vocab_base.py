@@ -93,3 +93,70 @@ def test_mlx_vlm_loads_it_and_generates_on_a_demo_photo(qwen_vocab_base, pristin
     prompt = apply_chat_template(processor, config, chat_messages("Critique this photo."), num_images=1)
     result = mlx_vlm.generate(model, processor, prompt, image=[str(photo)], max_tokens=4, verbose=False)
     assert result.generation_tokens == 4 and result.prompt_tokens > 20
+
+
+# --- the token-dependent paths, on Qwen's tokenizer ---------------------------------------------------------------
+
+
+def _example(qwen_vocab_base, tmp_path, answer: str, **config):
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (96, 72), (80, 120, 160)).save(photo)
+    processor = load_processor(qwen_vocab_base)
+    row = {"images": [str(photo)], "messages": chat_messages("Critique this photo.", answer)}
+    model_config = json.loads((qwen_vocab_base / "config.json").read_text())
+    return processor, encode_example(processor, model_config, row, TrainConfig(base_model=str(qwen_vocab_base), **config))
+
+
+def test_the_answer_mask_starts_at_the_answers_first_token(qwen_vocab_base, tmp_path):
+    """The answer starts with `{"` right after the template's newline: Qwen's pre-tokenizer could fuse the two,
+    which would make the first target a token the prompt shares. It does not: the first target is the answer's."""
+    answer = '{"image_description":"A barn.","overall_score":7.5}'
+    processor, example = _example(qwen_vocab_base, tmp_path, answer)
+    decode = processor.tokenizer.decode
+    first, last = (int(i) for i in np.flatnonzero(example.loss_mask)[[0, -1]])
+    assert decode(example.input_ids[:first].tolist()).endswith("<|im_start|>assistant\n")
+    assert decode(example.input_ids[first : last + 1].tolist()) == answer + "<|im_end|>"
+    assert example.loss_mask[first : last + 1].all() and not example.loss_mask[:first].any()
+
+
+def test_an_example_longer_than_max_seq_length_is_refused_by_name_never_cut(qwen_vocab_base, tmp_path):
+    from mondrian_assets.core.training.config import TrainingConfigError
+
+    long_answer = '{"image_description":"' + "A barn under snow, " * 60 + '"}'
+    with pytest.raises(TrainingConfigError, match="exceed max_seq_length=256 .it would cut the answer"):
+        _example(qwen_vocab_base, tmp_path, long_answer, max_seq_length=256)
+
+
+def test_the_loop_guard_tells_a_looping_answer_from_a_long_one_on_qwens_tokens(tokenizer, pristine_demo):
+    """The guard works on token ids: a sentence repeated is a loop in Qwen's pieces too, a whole analysis of the
+    demo (~260 Qwen tokens, many repeated words and keys) is not."""
+    from mondrian_assets.core.inference.records import ends_in_loop
+
+    truth = (pristine_demo.app_dir / "demo_truth.jsonl").read_text().splitlines()
+    analysis = next(t["intended"] for t in map(json.loads, truth) if t.get("intended"))
+    tokens = tokenizer.encode(analysis, add_special_tokens=False)
+    assert len(tokens) > 200 and not any(ends_in_loop(tokens[:n]) for n in range(1, len(tokens) + 1))
+    looping = tokenizer.encode(analysis[:200] + ("The light falls softly on the barn. " * 8).rstrip(), add_special_tokens=False)
+    assert ends_in_loop(looping)
+
+
+def test_a_fused_adapter_answers_as_the_unfused_one_on_the_151k_vocabulary(qwen_vocab_base, tmp_path):
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx_vlm.trainer import get_peft_model, save_adapter
+
+    from mondrian_assets.core.inference.loading import load_for_inference
+
+    model, _ = mlx_vlm.load(str(qwen_vocab_base))
+    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
+    mx.random.seed(1)
+    for _, module in model.named_modules():
+        if "lora_b" in module:
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
+    save_adapter(model, tmp_path / "adapters.safetensors")
+    fused = load_for_inference(str(qwen_vocab_base), tmp_path)
+    unfused = load_for_inference(str(qwen_vocab_base), tmp_path, fuse=False)
+    tokens = mx.array([fused.tokenizer.encode('{"overall_score":7.5,"score":10}', add_special_tokens=False)])
+    assert fused.fused_layers > 0
+    assert mx.allclose(fused.model.language_model(tokens).logits, unfused.model.language_model(tokens).logits,
+                       atol=1e-4).item()  # fmt: skip
