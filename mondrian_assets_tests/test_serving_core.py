@@ -105,7 +105,10 @@ def test_the_grammar_refuses_what_the_schema_refuses(constraint, text):
 
 def test_a_text_longer_than_its_share_is_refused(constraint):
     share = constraint.bounds(600).tokens["description"]
-    words = " ".join(["lake"] * (share + 5))
+    words = "lake"
+    while len(constraint._tokenizer.tokenize_str(words)) <= share + 1:  # +1: the opening quote's token
+        words += " lake"
+    assert len(constraint._tokenizer.tokenize_str(words)) < constraint.bounds(BUDGET).tokens["description"]
     long = replace(_analysis(("Lighting",)), image_description=words)
     assert not constraint.accepts(schema.canonical_json(long), 600)
     assert constraint.accepts(schema.canonical_json(long), BUDGET)  # a roomier budget gives it room
