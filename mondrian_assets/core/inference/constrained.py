@@ -338,7 +338,6 @@ class GrammarMask:
         self._tokenizer = tokenizer
         self._fill = llguidance.numpy.fill_next_token_bitmask
         self._words = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
-        self._bit = mx.arange(32, dtype=mx.uint32)
         self._own_choice: mx.array | None = None
         self.corrections = 0
 
