@@ -46,7 +46,7 @@ def test_every_stage_runs_on_the_qwen_vocabulary_base_and_names_it(pristine_demo
     decision = rest.asset_materializations_for_node("deployed_version")[0].metadata
     assert decision["decision"].value == "reject"  # random weights: the format gate fails, as it should
 
-    service = launch_service(loc.home, loc.app_dir, qwen_vocab_base, "--mode", "base", "--max-tokens", "96")
+    service = launch_service(loc.home, loc.app_dir, qwen_vocab_base, "--mode", "base", "--max-tokens", "600")
     try:
         assert service.health()["status"] == "UP"
         reply = service.post(jpeg_bytes(3, size=(800, 600)), advisor=ADVISOR, timeout=300)

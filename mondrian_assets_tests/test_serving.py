@@ -97,7 +97,7 @@ def start_service(embedded_base, pristine_demo, home) -> Iterator:
 
 @pytest.fixture(scope="module")
 def service(start_service) -> Service:
-    return start_service("--mode", "fine_tuned", "--max-tokens", "160", "--max-upload-mb", "1", "--max-waiting", "8")
+    return start_service("--mode", "fine_tuned", "--max-tokens", "600", "--max-upload-mb", "1", "--max-waiting", "8")
 
 
 # --- modes ----------------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_active_version(start_service):
-    victim = start_service("--mode", "fine_tuned", "--max-tokens", "64", "--max-waiting", "8")
+    victim = start_service("--mode", "fine_tuned", "--max-tokens", "600", "--max-waiting", "8")
     first_new_id = max((r["id"] for r in victim.usage_rows()), default=0) + 1
     workers = victim.health()["workers"]["worker_pids"]
     with ThreadPoolExecutor(4) as pool:
@@ -333,7 +333,7 @@ def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_activ
         assert row["job_id"].startswith("kill-") and row["http_status"] == 200 and row["latency_s"] > 0
         assert (row["model_used"], row["version"]) == ("fine_tuned", 1) and row["finish_reason"] is not None
 
-    restarted = start_service("--mode", "fine_tuned", "--max-tokens", "64")
+    restarted = start_service("--mode", "fine_tuned", "--max-tokens", "600")
     assert restarted.health()["advisors"]["ansel"]["active_version"] == 1
     before = answered[0]
     again = restarted.post(jpeg_bytes(700 + int(before["job_id"].split("-")[1])), advisor="ansel", job_id=before["job_id"])
@@ -347,7 +347,7 @@ def test_a_killed_service_leaves_whole_usage_rows_and_restarts_serving_the_activ
 def test_a_full_queue_answers_503_and_shutdown_finishes_running_work_and_fails_queued_work(start_service):
     """One worker, one queue slot. The worker is paused (SIGSTOP) while it holds a request, so the request stays
     running however fast the machine is."""
-    slow = start_service("--mode", "base", "--max-tokens", "64", "--max-waiting", "1", "--missing-version", "base")
+    slow = start_service("--mode", "base", "--max-tokens", "600", "--max-waiting", "1", "--missing-version", "base")
     fallback = slow.post(jpeg_bytes(600), advisor="watkins", mode="fine_tuned").json()  # configured fallback: said so
     assert fallback["model_used"] == "base" and "no active fine-tuned version" in fallback["note"]
     before = len(slow.usage_rows())

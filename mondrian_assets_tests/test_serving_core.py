@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 import pytest
 from PIL import Image
 
 from mondrian_assets.core import schema
-from mondrian_assets.core.inference.constrained import AnalysisConstraint
+from mondrian_assets.core.inference.constrained import AnalysisConstraint, BudgetTooSmall
 from mondrian_assets.core.serving.routing import Model, ServiceMode, arm_draw, job_key_for, route
 from mondrian_assets.core.serving.uploads import UploadRejected, prepare_upload
 from mondrian_assets.core.serving.usage import UsageRow, record_usage, serving_summary, summary_text
@@ -57,6 +55,8 @@ def test_a_request_without_a_job_id_is_keyed_by_its_image():
 
 # --- the grammar ----------------------------------------------------------------------------------------------
 
+BUDGET = 1536  # the service's default max_tokens
+
 
 @pytest.fixture(scope="module")
 def constraint(embedded_base) -> AnalysisConstraint:
@@ -67,15 +67,15 @@ def constraint(embedded_base) -> AnalysisConstraint:
 
 def _analysis(names, score=7.5, **extra) -> schema.Analysis:
     dims = tuple(schema.Dimension(n, score, f"{n} holds.", "Try a lower angle.") for n in names)
-    return schema.Analysis("A lake at dawn, \"quiet\".", dims, 7.25, ("Light",), ("Focus",), "", **extra)
+    return schema.Analysis("A lake at dawn, \u201cquiet\u201d.", dims, 7.25, ("Light",), ("Focus",), "", **extra)
 
 
 def test_the_grammar_accepts_every_canonical_analysis(constraint):
     names = schema.DIMENSION_NAMES
     for chosen in (names[:7], names, names[:7][:3] + names[:7][4:], ("Lighting",), ("Composition", "Subject Matter")):
-        assert constraint.accepts(schema.canonical_json(_analysis(chosen)))
+        assert constraint.accepts(schema.canonical_json(_analysis(chosen)), BUDGET)
     with_cases = _analysis(("Lighting",), case_studies=(schema.CaseStudy("Moonrise", "1941", "Lighting", "Dusk."),))
-    assert constraint.accepts(schema.canonical_json(with_cases))
+    assert constraint.accepts(schema.canonical_json(with_cases), BUDGET)
 
 
 def _reordered_dimensions() -> str:
@@ -96,34 +96,53 @@ def _reordered_dimensions() -> str:
         schema.canonical_json(_analysis(("Lighting",))).replace(',"technical_notes":""', ""),  # a missing key
         schema.canonical_json(_analysis(("Lighting",))).replace('{"image', '{ "image'),  # whitespace
         schema.canonical_json(_analysis(("Lighting",))) + "}",  # the app's extra brace
+        schema.canonical_json(_analysis(("Lighting",))).replace("\u201c", '\\"'),  # an escape: a cut could split it
     ],
 )
 def test_the_grammar_refuses_what_the_schema_refuses(constraint, text):
-    assert not constraint.accepts(text)
+    assert not constraint.accepts(text, BUDGET)
 
 
-def test_every_sentence_of_the_grammar_is_a_valid_analysis(constraint):
-    """Random walks through the grammar (random allowed tokens, half the time one that can close something)
-    must all parse and validate: the grammar is never looser than the schema."""
-    tokenizer, grammar = constraint._tokenizer, constraint._grammar
+def test_a_text_longer_than_its_share_is_refused(constraint):
+    share = constraint.bounds(600).tokens["description"]
+    words = "lake"
+    while len(constraint._tokenizer.tokenize_str(words)) <= share + 1:  # +1: the opening quote's token
+        words += " lake"
+    assert len(constraint._tokenizer.tokenize_str(words)) < constraint.bounds(BUDGET).tokens["description"]
+    long = replace(_analysis(("Lighting",)), image_description=words)
+    assert not constraint.accepts(schema.canonical_json(long), 600)
+    assert constraint.accepts(schema.canonical_json(long), BUDGET)  # a roomier budget gives it room
+
+
+def test_a_budget_too_small_for_the_structure_fails_clearly(constraint):
+    with pytest.raises(BudgetTooSmall, match=r"max_tokens=100 is too small .* needs \d+ tokens"):
+        constraint.processor(100)
+    smallest = constraint.smallest_budget()
+    assert constraint.processor(smallest) is not None
+    with pytest.raises(BudgetTooSmall):
+        constraint.processor(smallest - 1)
+
+
+@pytest.mark.parametrize("budget", [600, BUDGET])
+def test_every_sentence_of_the_grammar_is_a_valid_analysis_within_the_budget(constraint, budget):
+    """Walks through the mask (random allowed tokens; half of them the most stubborn walker: shortest tokens,
+    never closing by choice) all parse and validate, and all end within the budget, end of turn included."""
+    tokenizer = constraint._tokenizer
     closing = np.array([any(c in tokenizer.decode_str([t]) for c in '"]},') for t in range(tokenizer.vocab_size)])
-    rng = random.Random(0)
-    for _ in range(20):
-        matcher = llguidance.LLMatcher(tokenizer, grammar)
-        words = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
+    lengths = np.array([len(tokenizer.decode_bytes([t])) for t in range(tokenizer.vocab_size)])
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        mask = constraint.processor(budget)
         tokens: list[int] = []
-        for _ in range(5000):
-            llguidance.numpy.fill_next_token_bitmask(matcher, words)
-            allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[: tokenizer.vocab_size].astype(bool)
-            if allowed[constraint.end_of_turn_id]:
-                break
-            pool = np.flatnonzero(allowed & closing) if rng.random() < 0.5 else []
-            token = int(rng.choice(list(pool) if len(pool) else list(np.flatnonzero(allowed))))
-            assert matcher.consume_token(token), matcher.get_error()
-            tokens.append(token)
+        while not (allowed := mask.allowed())[constraint.end_of_turn_id]:
+            pool = np.flatnonzero(allowed)
+            if seed % 2 and len(open_ := pool[~closing[pool]]):
+                pool = open_[lengths[open_] == lengths[open_].min()]
+            tokens.append(int(rng.choice(pool)))
+            mask.consume(tokens[-1])
+            assert len(tokens) < budget
         result = schema.parse_analysis(tokenizer.decode_str(tokens))
         assert result.ok, (result.error, result.detail)
-        assert matcher.consume_token(constraint.end_of_turn_id) and matcher.is_stopped()
 
 
 # --- uploads --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class ConstrainedCompliance:
     accepted_as_is: int  # unconstrained answers the grammar accepts unchanged (constrained greedy = the same text)
     redecoded: int
     valid_constrained: int
-    cut_off: int  # constrained answers that ran out of tokens (or looped) before the grammar's end
+    cut_off: int  # constrained answers that did not reach the grammar's end (its bounds make this 0)
     timing: OverheadMeasurement | None
     score_values_by_rule: int = 0  # written by the expected-value rule in the re-decoded answers
 
@@ -78,20 +78,22 @@ def constrained_compliance(
     from mondrian_assets.core.inference.generate import generate_one
 
     constraint = AnalysisConstraint.for_processor(loaded.processor)
-    accepted = [constraint.accepts(g.text) for g in generations]
+    # the grammar's worst case (nine dimensions, every list full) may need more than the references do
+    max_tokens = max(max_tokens, constraint.smallest_budget())
+    accepted = [constraint.accepts(g.text, max_tokens) for g in generations]
     redo = [e for e, ok in zip(examples, accepted, strict=True) if not ok]
     log(f"under the grammar mask: {sum(accepted)}/{len(examples)} answers stand as they are, "
         f"decoding {len(redo)} again with the mask")  # fmt: skip
     redone = [
         generate_one(loaded, e.image_path, e.prompt, max_tokens=max_tokens, seed=seed,
-                     logits_processors=[constraint.processor()], expected_scores=expected_scores)  # fmt: skip
+                     logits_processors=[constraint.processor(max_tokens)], expected_scores=expected_scores)  # fmt: skip
         for e in redo
     ]
     timed = list(examples[:timing_prompts])
-    timed_run(loaded, timed[0], min(tokens, 4), [constraint.processor()])  # warm-up: the mask's first use
+    timed_run(loaded, timed[0], min(tokens, 4), [constraint.processor(max_tokens)])  # warm-up: the mask's first use
     timing = interleaved_timings(
         lambda e: timed_run(loaded, e, tokens),
-        lambda e: timed_run(loaded, e, tokens, [constraint.processor()]),
+        lambda e: timed_run(loaded, e, tokens, [constraint.processor(max_tokens)]),
         timed, repeats=repeats, tokens=tokens,
     )  # fmt: skip
     return ConstrainedCompliance(

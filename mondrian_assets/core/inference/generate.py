@@ -27,6 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mondrian_assets.core import schema
+from mondrian_assets.core.inference.constrained import GrammarMask
 from mondrian_assets.core.inference.loading import LoadedModel
 from mondrian_assets.core.inference.records import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule, ends_in_loop
 from mondrian_assets.core.inference.score_decoding import LOOK_AHEAD, ExpectedScore, cache_look_ahead, score_rule
@@ -175,7 +176,9 @@ def generate_one(
     score_decoder: type[ExpectedScore] = ExpectedScore,
 ) -> Generation:
     """One analysis for one image, with the loop guard; `logits_processors` (e.g. serving's grammar mask) see
-    every step's logits, before score values are chosen (by `score_decoder`, which a benchmark may replace)."""
+    every step's logits, before score values are chosen (by `score_decoder`, which a benchmark may replace). Under a
+    grammar mask there is no loop guard: the grammar closes the answer within `max_tokens` itself, and cutting a loop
+    would only leave it unfinished."""
     from mlx_vlm import stream_generate
     from mlx_vlm.models.cache import make_prompt_cache
 
@@ -184,6 +187,7 @@ def generate_one(
     scores = score_decoder(loaded.tokenizer, cache_look_ahead(loaded.model.language_model, prompt_cache))
     if expected_scores:
         logits_processors = [*logits_processors, scores]
+    guard = None if any(isinstance(p, GrammarMask) for p in logits_processors) else loop_rule
     mx.random.seed(seed)
     _reset_stopping(loaded)
     tokens: list[int] = []
@@ -209,7 +213,7 @@ def generate_one(
             break
         tokens.append(int(response.token))
         gen_tps = response.generation_tps
-        if ends_in_loop(tokens, loop_rule):
+        if guard is not None and ends_in_loop(tokens, guard):
             reason = "repetition"
             break
     stream.close()

@@ -96,7 +96,7 @@ class _Models:
                 from mondrian_assets.core.inference.constrained import AnalysisConstraint
 
                 self.constraint = AnalysisConstraint.for_processor(self.base.processor)
-            mask = self.constraint.processor()
+            mask = self.constraint.processor(job.max_tokens)
         generation = generate_one(
             loaded, Path(job.image_path), job.prompt, max_tokens=job.max_tokens, seed=job.seed,
             logits_processors=[mask] if mask is not None else [],
