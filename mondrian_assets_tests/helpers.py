@@ -73,3 +73,21 @@ def hub_cache_with(model_dir: Path, root: Path, monkeypatch, repo_id: str = "Org
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, at import
     return snapshot
+
+
+def random_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter (rank 4) with non-zero B, saved by mlx-vlm's own trainer utilities into `out`: it moves the
+    model and teaches it nothing."""
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx_vlm.trainer import get_peft_model, save_adapter
+
+    model, _ = mlx_vlm.load(str(base))
+    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
+    mx.random.seed(1)
+    for _, module in model.named_modules():
+        if "lora_b" in module:
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, out / "adapters.safetensors")
+    return out

@@ -4,33 +4,19 @@ with random weights and a random (under-trained) adapter, none cut off by the bu
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mondrian_assets.core import schema
 from mondrian_assets.core.inference import loading
-from mondrian_assets.core.inference.constrained import AnalysisConstraint
+from mondrian_assets.core.inference.constrained import AnalysisConstraint, GrammarMask
 from mondrian_assets.core.inference.generate import generate_one
-from helpers import random_image
+from helpers import random_adapter, random_image
 
 MAX_TOKENS = 600
-
-
-def _random_adapter(base: Path, out: Path) -> Path:
-    """A LoRA adapter with non-zero B, saved by mlx-vlm's own utilities: it moves the model, and teaches nothing."""
-    import mlx_vlm
-    from mlx_vlm.trainer import get_peft_model, save_adapter
-
-    model, _ = mlx_vlm.load(str(base))
-    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
-    mx.random.seed(1)
-    for _, module in model.named_modules():
-        if "lora_b" in module:
-            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
-    out.mkdir()
-    save_adapter(model, out / "adapters.safetensors")
-    return out
 
 
 def _answers_under_the_mask(folder: Path, adapter: Path | None, images: list[Path]) -> None:
@@ -54,12 +40,12 @@ def images(tmp_path_factory) -> list[Path]:
 
 def test_the_embedded_base_and_a_random_adapter_always_answer_valid(embedded_base, images, tmp_path):
     _answers_under_the_mask(embedded_base, None, images)
-    _answers_under_the_mask(embedded_base, _random_adapter(embedded_base, tmp_path / "adapter"), images)
+    _answers_under_the_mask(embedded_base, random_adapter(embedded_base, tmp_path / "adapter"), images)
 
 
 def test_the_qwen_vocabulary_base_and_a_random_adapter_always_answer_valid(qwen_vocab_base, images, tmp_path):
     _answers_under_the_mask(qwen_vocab_base, None, images[:1])
-    _answers_under_the_mask(qwen_vocab_base, _random_adapter(qwen_vocab_base, tmp_path / "adapter"), images[:1])
+    _answers_under_the_mask(qwen_vocab_base, random_adapter(qwen_vocab_base, tmp_path / "adapter"), images[:1])
 
 
 def test_the_constraint_is_built_once_per_tokenizer(embedded_base):
@@ -68,3 +54,38 @@ def test_the_constraint_is_built_once_per_tokenizer(embedded_base):
     first = AnalysisConstraint.for_processor(PreTrainedTokenizerFast.from_pretrained(str(embedded_base)))
     again = AnalysisConstraint.for_processor(PreTrainedTokenizerFast.from_pretrained(str(embedded_base)))
     assert first is again and first.grammar(MAX_TOKENS) is again.grammar(MAX_TOKENS)
+
+
+class _FixedGrammar(GrammarMask):
+    """A mask whose grammar allows the same few tokens at every step (the counting rule, without a grammar)."""
+
+    def __init__(self, allowed: set[int], vocab: int) -> None:
+        super().__init__(matcher=None, tokenizer=SimpleNamespace(vocab_size=vocab))
+        self._fixed = np.isin(np.arange(vocab), list(allowed))
+
+    def consume(self, token: int) -> None:
+        pass
+
+    def allowed(self) -> np.ndarray:
+        return self._fixed
+
+
+def _prefers(token: int, vocab: int = 16) -> mx.array:
+    logits = np.zeros((1, vocab), np.float32)
+    logits[0, token] = 5.0
+    return mx.array(logits)
+
+
+def test_a_later_processors_choice_among_allowed_tokens_is_not_a_grammar_correction():
+    """The expected-value score rule runs after the mask and may write another allowed token than the model's
+    greedy one: that is not the grammar overriding the model, so the served "unaided" rate must not lose it. A
+    model whose own choice the grammar rules out is corrected, and counted."""
+    mask = _FixedGrammar({1, 2, 9}, vocab=16)
+    mask(mx.array([0]), _prefers(1))  # after prefill: the model wants 1, which is allowed
+    mask(mx.array([2]), _prefers(1))  # a later processor wrote 2 instead; the model wants 1 again
+    assert mask.corrections == 0
+    mask(mx.array([1]), _prefers(5))  # the model wants 5: ruled out
+    mask(mx.array([2]), _prefers(9))
+    assert mask.corrections == 1
+    mask.settle({9})  # it stopped on 9, the model's own end token
+    assert mask.corrections == 1

@@ -17,7 +17,7 @@ from mondrian_assets.core.inference import generate as inf
 from mondrian_assets.core.inference import loading
 from mondrian_assets.core.inference.records import EvalExample, Generation, LoopRule
 from mondrian_assets.demo.tiny_model import build_tiny_base_model
-from helpers import analysis_json, random_image
+from helpers import analysis_json, random_adapter, random_image
 
 MAX_TOKENS = 48
 
@@ -43,20 +43,7 @@ def examples(workdir) -> list[EvalExample]:
 
 @pytest.fixture(scope="module")
 def adapter_dir(workdir, base_path) -> Path:
-    """A LoRA adapter saved by mlx-vlm's own trainer utilities, with non-zero B so it changes the model."""
-    import mlx_vlm
-    from mlx_vlm.trainer import get_peft_model, save_adapter
-
-    model, _ = mlx_vlm.load(base_path)
-    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
-    mx.random.seed(1)
-    for _, module in model.named_modules():
-        if "lora_b" in module:
-            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
-    out = workdir / "adapter"
-    out.mkdir()
-    save_adapter(model, out / "adapters.safetensors")
-    return out
+    return random_adapter(Path(base_path), workdir / "adapter")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from mondrian_assets.core.data.images import prepared_image
 from mondrian_assets.core.schema import chat_messages
 from mondrian_assets.core.training.config import TrainConfig, load_processor
 from mondrian_assets.core.training.examples import encode_example
+from helpers import random_adapter
 from mondrian_assets.demo.qwen_vocab_base import (
     QWEN_EMBEDDING_ROWS,
     TOKENIZER_CACHE,
@@ -142,18 +143,10 @@ def test_the_loop_guard_tells_a_looping_answer_from_a_long_one_on_qwens_tokens(t
 
 def test_a_fused_adapter_answers_as_the_unfused_one_on_the_151k_vocabulary(qwen_vocab_base, tmp_path):
     import mlx.core as mx
-    import mlx_vlm
-    from mlx_vlm.trainer import get_peft_model, save_adapter
 
     from mondrian_assets.core.inference.loading import load_for_inference
 
-    model, _ = mlx_vlm.load(str(qwen_vocab_base))
-    model = get_peft_model(model, rank=4, alpha=8.0, dropout=0.0, verbose=False)
-    mx.random.seed(1)
-    for _, module in model.named_modules():
-        if "lora_b" in module:
-            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.2
-    save_adapter(model, tmp_path / "adapters.safetensors")
+    random_adapter(qwen_vocab_base, tmp_path)
     fused = load_for_inference(str(qwen_vocab_base), tmp_path)
     unfused = load_for_inference(str(qwen_vocab_base), tmp_path, fuse=False)
     tokens = mx.array([fused.tokenizer.encode('{"overall_score":7.5,"score":10}', add_special_tokens=False)])

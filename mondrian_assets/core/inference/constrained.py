@@ -329,6 +329,8 @@ class GrammarMask:
 
     `corrections` counts the steps where the model's own greedy choice was not allowed: with greedy decoding,
     0 means the unconstrained answer would have been exactly this one (what the model learned, not the grammar).
+    A later processor's choice among allowed tokens (the expected-value score rule's) is not the grammar's doing
+    and is not counted.
     """
 
     def __init__(self, matcher: Any, tokenizer: Any):
@@ -339,14 +341,15 @@ class GrammarMask:
         self._fill = llguidance.numpy.fill_next_token_bitmask
         self._words = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)
         self._own_choice: mx.array | None = None
+        self._own_allowed: mx.array | None = None  # whether the grammar allowed the model's own choice
         self.corrections = 0
 
     def settle(self, stop_ids: Collection[int]) -> None:
         """Count the last step too: generation stops on an end token without calling the processor again, and
         the model stopping on any of its end tokens is the same answer."""
         if self._own_choice is not None:
-            self.corrections += int(self._own_choice.item()) not in stop_ids
-            self._own_choice = None
+            self.corrections += int(self._own_choice.item()) not in stop_ids and not bool(self._own_allowed.item())
+            self._own_choice = self._own_allowed = None
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
@@ -365,9 +368,8 @@ class GrammarMask:
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         if self._own_choice is not None:
-            token = int(history[-1].item())
-            self.corrections += int(self._own_choice.item()) != token
-            self.consume(token)
+            self.corrections += not bool(self._own_allowed.item())
+            self.consume(int(history[-1].item()))
         allowed = mx.array(self.allowed())[None]
         width = logits.shape[-1]
         if allowed.shape[-1] >= width:
@@ -375,4 +377,5 @@ class GrammarMask:
         else:
             allowed = mx.concatenate([allowed, mx.zeros((1, width - allowed.shape[-1]), dtype=mx.bool_)], axis=-1)
         self._own_choice = mx.argmax(logits, axis=-1)
+        self._own_allowed = allowed[0, self._own_choice[0]]
         return mx.where(allowed, logits, mx.array(-np.inf, dtype=logits.dtype))
