@@ -47,7 +47,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def _waiting(instance: dg.DagsterInstance) -> list:
     """Steps queued for a slot (the holder's own entry is assigned)."""
-    return [p for p in instance.event_log_storage.get_concurrency_info(MLX_POOL).pending_steps if not p.assigned_timestamp]
+    pending = instance.event_log_storage.get_concurrency_info(MLX_POOL).pending_steps
+    return [p for p in pending if not p.assigned_timestamp]
 
 
 def _measure(instance: dg.DagsterInstance, executor: str, seconds: float, env: dict) -> float:
@@ -79,8 +80,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bench-slot-wait-"))
     try:
         # the project's settings, without per-step log capture (its `tail` processes outlive a killed run)
-        (home / "dagster.yaml").write_text(INSTANCE_TEMPLATE.read_text() + "\ncompute_logs:\n  module: "
-                                           "dagster._core.storage.noop_compute_log_manager\n  class: NoOpComputeLogManager\n")
+        no_capture = "\ncompute_logs:\n  module: dagster._core.storage.noop_compute_log_manager\n"
+        (home / "dagster.yaml").write_text(INSTANCE_TEMPLATE.read_text() + no_capture + "  class: NoOpComputeLogManager\n")
         env = {**os.environ, "DAGSTER_HOME": str(home)}
         os.environ["DAGSTER_HOME"] = str(home)
         with dg.DagsterInstance.get() as instance:

@@ -109,7 +109,8 @@ def test_the_run_launcher_reports_a_dead_worker_failed_and_others_running(sleepe
         dead = launcher.check_run_worker_health(_started_run(instance, "j", _dead_identity(), "a"))
         assert dead.status == WorkerStatus.FAILED and "is gone" in dead.msg
         for worker in (_identity_of(sleeper), ProcessIdentity("gpu-box", 1, 1.0), None):
-            assert launcher.check_run_worker_health(_started_run(instance, "j", worker, "a")).status == WorkerStatus.RUNNING
+            health = launcher.check_run_worker_health(_started_run(instance, "j", worker, "a"))
+            assert health.status == WorkerStatus.RUNNING
 
 
 def test_the_project_instance_runs_monitoring_with_the_checking_launcher():
@@ -172,7 +173,8 @@ def _mlx_step() -> int:
 
 
 def pool_job() -> dg.JobDefinition:
-    return dg.GraphDefinition(name="pool_graph", node_defs=[_mlx_step]).to_job(executor_def=repairing_in_process_executor)
+    graph = dg.GraphDefinition(name="pool_graph", node_defs=[_mlx_step])
+    return graph.to_job(executor_def=repairing_in_process_executor)
 
 
 def test_a_step_waiting_for_a_slot_takes_it_once_its_holder_dies(tmp_path, monkeypatch):
@@ -306,8 +308,8 @@ def _launch_from_the_ui(port: int, project) -> str:
     deadline = time.monotonic() + 120
     while True:
         try:
-            return client.submit_job_execution("__ASSET_JOB", run_config=run_config, tags={"dagster/partition": "ansel"},
-                                               asset_selection=["lora_adapter"])  # fmt: skip
+            return client.submit_job_execution("__ASSET_JOB", run_config=run_config, asset_selection=["lora_adapter"],
+                                               tags={"dagster/partition": "ansel"})  # fmt: skip
         except Exception:  # the web server and its code location are still starting
             assert time.monotonic() < deadline, "dagster dev did not come up"
             time.sleep(2)
@@ -355,7 +357,8 @@ def test_with_the_daemon_a_killed_run_is_failed_by_run_monitoring_and_retried(pr
             retry = next((r for r in runs.values() if r.tags.get("dagster/parent_run_id") == run_id), None)
             if retry is not None and retry.is_finished:
                 break
-            assert time.monotonic() < deadline, f"no finished retry: {[(r.run_id[:8], r.status) for r in runs.values()]}"
+            states = [(r.run_id[:8], r.status) for r in runs.values()]
+            assert time.monotonic() < deadline, f"no finished retry: {states}"
             time.sleep(2)
     finally:
         _kill_session(second, signal.SIGTERM)

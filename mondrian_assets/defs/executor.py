@@ -57,8 +57,11 @@ class _SleepingConcurrencyContext(InstanceConcurrencyContext):
         return min(MAX_CLAIM_WAIT_S, max(0.0, min(due) - time.time()))
 
 
-def _steps(job_context: PlanExecutionContext, execution_plan: ExecutionPlan,
-           instance_concurrency_context: InstanceConcurrencyContext | None = None) -> Iterator[DagsterEvent]:  # fmt: skip
+def _steps(
+    job_context: PlanExecutionContext,
+    execution_plan: ExecutionPlan,
+    instance_concurrency_context: InstanceConcurrencyContext | None = None,  # Dagster's signature; ours is made here
+) -> Iterator[DagsterEvent]:
     with _SleepingConcurrencyContext(job_context.instance, job_context.dagster_run) as concurrency:
         for event in inner_plan_execution_iterator(job_context, execution_plan, concurrency):
             yield event

@@ -45,8 +45,8 @@ def dead_worker_reason(run: dg.DagsterRun) -> str | None:
     worker = run_worker(run)
     if worker is None or worker.liveness() is not Liveness.DEAD:
         return None
-    return (f"its worker process ({worker.describe()}) is gone: it was killed or crashed without reporting; "
-            "marked failed so that its concurrency slots are free (a new run resumes from the last checkpoint)")  # fmt: skip
+    return (f"its worker process ({worker.describe()}) is gone: it was killed or crashed without reporting; marked "
+            "failed so that its concurrency slots are free (a new run resumes from the last checkpoint)")
 
 
 @dataclass(frozen=True)
