@@ -31,10 +31,14 @@ from mondrian_assets_tests.service_helpers import free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _identity_of(process: subprocess.Popen) -> ProcessIdentity:
+    return ProcessIdentity(socket.gethostname(), process.pid, process_start_time(process.pid))
+
+
 def _dead_identity() -> ProcessIdentity:
     """The identity of a process that ran here and is gone."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    identity = ProcessIdentity(socket.gethostname(), child.pid, process_start_time(child.pid))
+    identity = _identity_of(child)
     child.kill()
     child.wait()
     return identity
@@ -42,16 +46,12 @@ def _dead_identity() -> ProcessIdentity:
 
 @pytest.fixture
 def sleeper():
-    """A live process in another process group: a stand-in for another run's worker."""
+    """A live process beside the tests: a stand-in for another run's worker."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     time.sleep(0.2)
     yield child
     child.kill()
     child.wait()
-
-
-def _identity_of(process: subprocess.Popen) -> ProcessIdentity:
-    return ProcessIdentity(socket.gethostname(), process.pid, process_start_time(process.pid))
 
 
 def test_a_process_identity_tells_alive_dead_reused_and_elsewhere(sleeper):
@@ -177,14 +177,12 @@ def pool_job() -> dg.JobDefinition:
     return graph.to_job(executor_def=repairing_in_process_executor)
 
 
-def test_a_step_waiting_for_a_slot_takes_it_once_its_holder_dies(tmp_path, monkeypatch):
+def test_a_step_waiting_for_a_slot_takes_it_once_its_holder_dies(tmp_path, monkeypatch, sleeper):
     """The holder dies while the step waits: the waiting run repairs the instance itself and goes on."""
     monkeypatch.setattr(executor_module, "REPAIR_EVERY_S", 1.0)
-    holder_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    time.sleep(0.2)
     monkeypatch.setenv("DAGSTER_HOME", str(_home_with_template(tmp_path)))
     with dg.DagsterInstance.get() as instance:
-        holder = _started_run(instance, "train_job", _identity_of(holder_process), "ansel")
+        holder = _started_run(instance, "train_job", _identity_of(sleeper), "ansel")
         instance.event_log_storage.initialize_concurrency_limit_to_default(MLX_POOL)
         assert instance.event_log_storage.claim_concurrency_slot(MLX_POOL, holder.run_id, "lora_adapter").is_claimed
         results = {}
@@ -197,8 +195,8 @@ def test_a_step_waiting_for_a_slot_takes_it_once_its_holder_dies(tmp_path, monke
         waiter.start()
         time.sleep(3)
         assert waiter.is_alive() and instance.get_run_by_id(holder.run_id).status == dg.DagsterRunStatus.STARTED
-        holder_process.kill()
-        holder_process.wait()
+        sleeper.kill()
+        sleeper.wait()
         waiter.join(timeout=30)
         assert not waiter.is_alive() and results["success"]
         assert instance.get_run_by_id(holder.run_id).status == dg.DagsterRunStatus.FAILURE

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mondrian_assets.core.inference.score_decoding import ExpectedScore
+from mondrian_assets.core.inference.score_decoding import ExpectedScore, only_token
 from mondrian_assets.core.training.config import load_processor
 
 
@@ -171,8 +171,7 @@ class _Probe:
             self.predicted = np.array(self.look_ahead(self.rows))
         forced = self.calls - 3
         if self.predicted is not None and 0 <= forced < self.rows.shape[1]:
-            only = mx.arange(logits.shape[-1]) == int(self.rows[0, forced])
-            return mx.where(only, mx.zeros_like(logits), mx.full(logits.shape, -math.inf, logits.dtype))
+            return only_token(int(self.rows[0, forced]), logits)
         return logits
 
 

@@ -30,7 +30,13 @@ from mondrian_assets.core import schema
 from mondrian_assets.core.inference.constrained import GrammarMask
 from mondrian_assets.core.inference.loading import LoadedModel
 from mondrian_assets.core.inference.records import TOKEN_LOOP_RULE, EvalExample, Generation, LoopRule, ends_in_loop
-from mondrian_assets.core.inference.score_decoding import LOOK_AHEAD, ExpectedScore, cache_look_ahead, score_rule
+from mondrian_assets.core.inference.score_decoding import (
+    LOOK_AHEAD,
+    ExpectedScore,
+    cache_look_ahead,
+    only_token,
+    score_rule,
+)
 
 # --- examples ------------------------------------------------------------------------------------------------
 
@@ -131,8 +137,7 @@ class LoopGuard:
         self.tokens.append(token)
         if self.fired or ends_in_loop(self.tokens, self.rule):
             self.fired = True
-            only_eos = mx.arange(logits.shape[-1]) == self.eos_id
-            return mx.where(only_eos, mx.zeros_like(logits), mx.full(logits.shape, -math.inf, logits.dtype))
+            return only_token(self.eos_id, logits)
         return logits
 
 

@@ -102,7 +102,8 @@ def cache_look_ahead(language_model: Any, prompt_cache: list) -> LookAhead:
     return run
 
 
-def _only(token: int, logits: mx.array) -> mx.array:
+def only_token(token: int, logits: mx.array) -> mx.array:
+    """Logits that allow `token` alone (what a processor returns to force it)."""
     only = mx.arange(logits.shape[-1]) == token
     return mx.where(only, mx.zeros_like(logits), mx.full(logits.shape, -math.inf, logits.dtype))
 
@@ -134,7 +135,7 @@ class ExpectedScore:
             return logits
         self.tokens.append(int(history[-1].item()))
         if self._pending:
-            return _only(self._pending.pop(0), logits)
+            return only_token(self._pending.pop(0), logits)
         if self._close_number:
             self._close_number = False
             return logits.at[..., mx.array(self.vocabulary.continuing)].add(-math.inf)
@@ -155,7 +156,7 @@ class ExpectedScore:
             return logits
         token = int(self.vocabulary.ids[allowed][self._nearest(scores[allowed], self.vocabulary.values[allowed])])
         self.chosen += 1
-        return _only(token, logits)
+        return only_token(token, logits)
 
     def _looked_ahead(self, logits: mx.array) -> mx.array:
         vocab = self.vocabulary
@@ -180,7 +181,7 @@ class ExpectedScore:
         tokens = list([s for s, ok in zip(vocab.sequences, allowed, strict=True) if ok][choice])
         self.chosen += 1
         self._pending, self._close_number = tokens[1:], True
-        return _only(tokens[0], logits)
+        return only_token(tokens[0], logits)
 
     @staticmethod
     def _nearest(log_belief: np.ndarray, values: np.ndarray) -> int:
