@@ -43,6 +43,8 @@ def test_every_stage_runs_on_the_qwen_vocabulary_base_and_names_it(pristine_demo
     report = json.loads((loc.evaluation / ADVISOR / "comparison_report.json").read_text())
     assert report["base_model"] == str(qwen_vocab_base)
     assert "each value's tokens looked ahead" in report["settings"]["decoding"]
+    constrained = report["metrics"]["constrained_decoding"]  # the 2-step adapter under the mask: every answer valid
+    assert constrained["valid_constrained"] == constrained["examples"] == 2 and constrained["cut_off"] == 0
     decision = rest.asset_materializations_for_node("deployed_version")[0].metadata
     assert decision["decision"].value == "reject"  # random weights: the format gate fails, as it should
 
